@@ -1,0 +1,31 @@
+"""influencekit: influence functions for deep networks.
+
+    import influencekit as ik
+    task = ik.ClassificationTask(model)
+    est = ik.ExactInfluence(task, damping=1e-3).fit(train)
+    S = est.scores(queries)          # [n_queries, n_train]; > 0 = proponent
+
+Sign convention: ``score(q, x) = ∇m(q)ᵀ (H + λI)⁻¹ ∇ℓ(x)``; up-weighting ``x`` by ε changes
+``m(q)`` by about ``−ε·score``.
+"""
+
+from .errors import ArtifactError, CurvatureError, InfluenceError, InputError, NumericalError
+from .estimators import (
+    METHODS,
+    CGInfluence,
+    Estimator,
+    ExactInfluence,
+    GradCos,
+    GradDot,
+    LiSSAInfluence,
+    TopK,
+)
+from .task import ClassificationTask, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS", "ArtifactError", "CGInfluence", "ClassificationTask", "CurvatureError",
+    "Estimator", "ExactInfluence", "GradCos", "GradDot", "InfluenceError", "InputError",
+    "LiSSAInfluence", "NumericalError", "Task", "TopK",
+]

@@ -1,0 +1,205 @@
+"""Differentiation primitives over a :class:`~influencekit.task.Task`.
+
+All vectors are flat ``[..., P]`` tensors in the task's parameter layout. Everything streams over
+batches, so the full ``N × P`` gradient matrix is never built unless a caller asks for it.
+
+- :func:`per_example_grads`: ``[B, P]`` by ``vmap(grad)``, with a per-example loop fallback for
+  models that ``vmap`` cannot trace (e.g. data-dependent control flow).
+- :func:`curvature_vp`: Hessian- or GGN-vector products of the *summed* batch loss, for a block of
+  vectors at once (forward-over-reverse, with a double-backward fallback).
+- :func:`value_jvps`: directional derivatives of per-example losses/measurements, ``[k, B]``.
+- :func:`mean_curvature_vp`: curvature of the *mean* loss over a whole data set.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.func import grad, jvp, vjp, vmap
+from tqdm.auto import tqdm
+
+from .batching import Batch, Data, batch_size_of, iter_batches, num_examples, slice_batch
+from .batching import to_device, tree_map
+from .errors import InputError, check_finite
+from .task import Task
+
+CURVATURES = ("hessian", "ggn")
+
+
+def _check_curvature(curvature: str) -> None:
+    if curvature not in CURVATURES:
+        raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+
+
+def _try_vmap(task: Task, key: str, fast: Callable[[], torch.Tensor],
+              slow: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run ``fast`` (vmap-based) unless it failed before for this task; else ``slow``."""
+    flags = task.__dict__.setdefault("_vmap_ok", {})
+    if flags.get(key, True):
+        try:
+            out = fast()
+            flags[key] = True
+            return out
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+            if flags.get(key) is True:  # worked before: a genuine error
+                raise
+            warnings.warn(
+                f"torch.func could not trace the model for {key} ({type(e).__name__}: "
+                f"{str(e)[:200]}); falling back to a slower per-example loop.",
+                stacklevel=3,
+            )
+            flags[key] = False
+    return slow()
+
+
+# --------------------------------------------------------------------------- per-example grads
+def per_example_grads(task: Task, batch: Batch, kind: str = "loss") -> torch.Tensor:
+    """Gradients of each example's loss (``kind="loss"``) or measurement, ``[B, P]``."""
+    task.check_batch(batch)
+    theta = task.theta()
+
+    def fast() -> torch.Tensor:
+        def one(th: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
+            return task.values(th, tree_map(lambda t: t.unsqueeze(0), example), kind).sum()
+
+        g = vmap(grad(one), in_dims=(None, 0))(theta, batch)
+        return task.layout.flatten(g, batch_dims=1)
+
+    def slow() -> torch.Tensor:
+        rows = []
+        params = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+        for i in range(batch_size_of(batch)):
+            value = task.values(params, slice_batch(batch, slice(i, i + 1)), kind).sum()
+            gs = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+            rows.append(torch.cat([
+                (torch.zeros_like(p) if g is None else g).reshape(-1)
+                for p, g in zip(params.values(), gs)
+            ]))
+        return torch.stack(rows)
+
+    with task.evaluating():
+        g = _try_vmap(task, f"per-example {kind} gradients", fast, slow)
+    return check_finite(
+        g.detach(), f"per-example {kind} gradients",
+        "Check the inputs for NaN/inf and the model for overflow (e.g. log of 0).",
+    )
+
+
+def iter_grads(
+    task: Task, data: Data, batch_size: int, kind: str = "loss", *,
+    desc: str | None = None, progress: bool | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Stream ``(offset, [B, P] gradients)`` over ``data`` in order."""
+    offset = 0
+    bar = tqdm(total=num_examples(data), desc=desc or f"{kind} gradients", unit="ex",
+               disable=_disabled(progress), leave=False)
+    with bar:
+        for batch in iter_batches(data, batch_size):
+            batch = to_device(batch, task.device)
+            g = per_example_grads(task, batch, kind)
+            yield offset, g
+            offset += g.shape[0]
+            bar.update(g.shape[0])
+
+
+def all_grads(task: Task, data: Data, batch_size: int = 64, kind: str = "loss",
+              progress: bool | None = None) -> torch.Tensor:
+    """Every example's gradient as one ``[N, P]`` matrix (small problems only)."""
+    return torch.cat([g for _, g in iter_grads(task, data, batch_size, kind, progress=progress)])
+
+
+def _disabled(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress
+
+
+# --------------------------------------------------------------------------- curvature products
+def curvature_vp(task: Task, batch: Batch, vectors: torch.Tensor,
+                 curvature: str = "hessian") -> torch.Tensor:
+    """``C v`` for each row ``v`` of ``vectors [k, P]``, where ``C`` is the Hessian or GGN of the
+    *summed* loss over ``batch``. Returns ``[k, P]``."""
+    _check_curvature(curvature)
+    if vectors.dim() == 1:
+        return curvature_vp(task, batch, vectors[None], curvature)[0]
+    task.check_batch(batch)
+    theta = task.theta()
+    layout = task.layout
+    vectors = vectors.to(task.dtype)
+
+    def summed(th: dict[str, torch.Tensor]) -> torch.Tensor:
+        return task.losses(th, batch).sum()
+
+    def hvp_one(v: torch.Tensor) -> torch.Tensor:
+        return layout.flatten(jvp(grad(summed), (theta,), (layout.unflatten(v),))[1])
+
+    def ggn_one(v: torch.Tensor) -> torch.Tensor:
+        def outputs(th: dict[str, torch.Tensor]) -> torch.Tensor:
+            out = task.outputs(th, batch)
+            if not isinstance(out, torch.Tensor):
+                out = getattr(out, "logits", None)
+                if out is None:
+                    raise InputError(
+                        "curvature='ggn' needs the forward to return a tensor (or .logits)."
+                    )
+            return out
+
+        out, jv = jvp(outputs, (theta,), (layout.unflatten(v),))
+        _, hjv = jvp(grad(lambda o: task.loss_fn(o, batch).sum()), (out,), (jv,))
+        _, pullback = vjp(outputs, theta)
+        return layout.flatten(pullback(hjv)[0])
+
+    one = hvp_one if curvature == "hessian" else ggn_one
+
+    def fast() -> torch.Tensor:
+        return vmap(one)(vectors)
+
+    def slow() -> torch.Tensor:
+        if curvature == "ggn":
+            return torch.stack([one(v) for v in vectors])
+        params = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+        gs = torch.autograd.grad(summed(params), list(params.values()), create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in gs])
+        rows = []
+        for v in vectors:
+            hv = torch.autograd.grad(flat, list(params.values()), grad_outputs=v,
+                                     retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1)
+                                   for p, h in zip(params.values(), hv)]))
+        return torch.stack(rows)
+
+    with task.evaluating():
+        out = _try_vmap(task, f"{curvature}-vector products", fast, slow)
+    return check_finite(out.detach(), f"{curvature}-vector product",
+                        "The loss is not twice differentiable here or overflowed.")
+
+
+def mean_curvature_vp(
+    task: Task, data: Data, vectors: torch.Tensor, curvature: str = "hessian", *,
+    batch_size: int = 256, dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Curvature of the *mean* loss over ``data`` applied to ``vectors [k, P]`` (in ``dtype``)."""
+    total = torch.zeros(vectors.shape, dtype=dtype, device=vectors.device)
+    n = 0
+    for batch in iter_batches(data, batch_size):
+        batch = to_device(batch, task.device)
+        total += curvature_vp(task, batch, vectors, curvature).to(dtype)
+        n += batch_size_of(batch)
+    return total / n
+
+
+# --------------------------------------------------------------------------- JVPs
+def value_jvps(task: Task, batch: Batch, vectors: torch.Tensor,
+               kind: str = "loss") -> torch.Tensor:
+    """``⟨∇ value_i, v_j⟩`` for each example ``i`` of ``batch`` and each row ``v_j`` of
+    ``vectors [k, P]``, by forward-mode differentiation. Returns ``[k, B]``."""
+    task.check_batch(batch)
+    theta = task.theta()
+    layout = task.layout
+
+    def one(v: torch.Tensor) -> torch.Tensor:
+        return jvp(lambda th: task.values(th, batch, kind), (theta,),
+                   (layout.unflatten(v),))[1]
+
+    with task.evaluating():
+        return vmap(one)(vectors.to(task.dtype)).detach()

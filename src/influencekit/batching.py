@@ -1,0 +1,165 @@
+"""Uniform access to data: a tuple of tensors, a ``Dataset`` or a ``DataLoader``.
+
+A *batch* is a tuple ``(inputs, targets, ...)`` whose leaves are tensors with the example
+dimension first; ``inputs`` may itself be a tensor, a tuple or a dict of tensors (e.g. BERT's
+``input_ids`` and ``attention_mask``). Everything here keeps the data's order, so that score
+column ``j`` always belongs to training example ``j``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from .errors import InputError
+
+Batch = tuple[Any, ...]
+Data = Batch | Dataset | DataLoader
+
+
+def tree_map(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
+    """Apply ``fn`` to every tensor leaf of nested tuples / lists / dicts."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(tree_map(fn, v) for v in tree)
+    return tree
+
+
+def tree_leaves(tree: Any) -> list[torch.Tensor]:
+    """All tensor leaves of ``tree`` in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [x for k in tree for x in tree_leaves(tree[k])]
+    if isinstance(tree, (tuple, list)):
+        return [x for v in tree for x in tree_leaves(v)]
+    return []
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Number of examples in a batch (the leading size of its tensors, which must agree)."""
+    sizes = {leaf.shape[0] if leaf.dim() else None for leaf in tree_leaves(batch)}
+    if not sizes:
+        raise InputError("a batch holds no tensors; give (inputs, targets) tensors.")
+    if None in sizes or len(sizes) != 1:
+        raise InputError(
+            f"the tensors of a batch disagree on the number of examples (leading sizes {sizes}); "
+            "every input and target tensor must have the example dimension first."
+        )
+    return sizes.pop()
+
+
+def slice_batch(batch: Batch, index: slice | torch.Tensor) -> Batch:
+    """Examples ``index`` of a batch."""
+    return tree_map(lambda t: t[index], batch)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return tree_map(lambda t: t.to(device), batch)
+
+
+def _as_tuple(batch: Any) -> Batch:
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch)
+    if isinstance(batch, dict):
+        raise InputError(
+            "got a dict as a batch; influencekit expects (inputs, targets) tuples. Wrap it: "
+            "((dict_of_inputs), labels), or write a Task whose forward reads your batch."
+        )
+    return (batch,)
+
+
+def num_examples(data: Data) -> int:
+    """Number of examples in ``data`` (iterates a DataLoader without a sized dataset)."""
+    if isinstance(data, DataLoader):
+        try:
+            return len(data.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return sum(batch_size_of(_as_tuple(b)) for b in data)
+    if isinstance(data, Dataset):
+        return len(data)  # type: ignore[arg-type]
+    return batch_size_of(_as_tuple(data))
+
+
+def iter_batches(data: Data, batch_size: int) -> Iterator[Batch]:
+    """Yield batches of ``data`` in order. DataLoaders keep their own batching."""
+    if batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size}.")
+    if isinstance(data, DataLoader):
+        if isinstance(data.sampler, RandomSampler):
+            raise InputError(
+                "the DataLoader shuffles (shuffle=True), so score columns would not match "
+                "example indices; pass a DataLoader with shuffle=False."
+            )
+        n = 0
+        for b in data:
+            b = _as_tuple(b)
+            n += batch_size_of(b)
+            yield b
+        if n == 0:
+            raise InputError("the data is empty; give at least one example.")
+        return
+    if isinstance(data, Dataset):
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+        yield from iter_batches(loader, batch_size)
+        return
+    batch = _as_tuple(data)
+    n = batch_size_of(batch)
+    if n == 0:
+        raise InputError("the data is empty; give at least one example.")
+    for start in range(0, n, batch_size):
+        yield slice_batch(batch, slice(start, start + batch_size))
+
+
+def materialize(data: Data) -> Batch:
+    """All of ``data`` as one batch (for small data sets: ground truth, tests)."""
+    batches = list(iter_batches(data, 1024))
+    if len(batches) == 1:
+        return batches[0]
+    return _concat(batches)
+
+
+def _concat(batches: list[Batch]) -> Batch:
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(batches, 0)  # type: ignore[arg-type]
+    if isinstance(first, dict):
+        return {k: _concat([b[k] for b in batches]) for k in first}  # type: ignore[return-value]
+    return type(first)(_concat([b[i] for b in batches]) for i in range(len(first)))
+
+
+def take(data: Data, index: torch.Tensor) -> Batch:
+    """Examples ``index`` of ``data`` as one batch (random access; for sampling)."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if isinstance(data, Dataset):
+        from torch.utils.data import default_collate
+
+        return _as_tuple(default_collate([data[int(i)] for i in index]))
+    return slice_batch(_as_tuple(data), index)
+
+
+def check_compatible(queries: Data, train: Data) -> None:
+    """Raise a clear error when queries and training examples are shaped differently."""
+    q = next(iter_batches(queries, 1))
+    t = next(iter_batches(train, 1))
+    q_leaves, t_leaves = tree_leaves(q), tree_leaves(t)
+    if len(q_leaves) != len(t_leaves):
+        raise InputError(
+            f"queries have {len(q_leaves)} tensors per batch but training data has "
+            f"{len(t_leaves)}; give both as (inputs, targets)."
+        )
+    for i, (a, b) in enumerate(zip(q_leaves, t_leaves)):
+        fixed_size = not isinstance(q[0], dict)  # token sequences may differ in length
+        if a.dim() != b.dim() or (fixed_size and a.shape[1:] != b.shape[1:]):
+            raise InputError(
+                f"query tensor {i} has per-example shape {tuple(a.shape[1:])} but the training "
+                f"data's has {tuple(b.shape[1:])}; queries must be shaped like training examples."
+            )
