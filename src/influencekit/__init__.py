@@ -12,6 +12,7 @@ Sign convention: ``score(q, x) = ∇m(q)ᵀ (H + λI)⁻¹ ∇ℓ(x)``; up-weigh
 from .errors import ArtifactError, CurvatureError, InfluenceError, InputError, NumericalError
 from .estimators import (
     METHODS,
+    ArnoldiInfluence,
     CGInfluence,
     Estimator,
     ExactInfluence,
@@ -25,7 +26,7 @@ from .task import ClassificationTask, Task
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "ArtifactError", "CGInfluence", "ClassificationTask", "CurvatureError",
-    "Estimator", "ExactInfluence", "GradCos", "GradDot", "InfluenceError", "InputError",
-    "LiSSAInfluence", "NumericalError", "Task", "TopK",
+    "METHODS", "ArnoldiInfluence", "ArtifactError", "CGInfluence", "ClassificationTask",
+    "CurvatureError", "Estimator", "ExactInfluence", "GradCos", "GradDot", "InfluenceError",
+    "InputError", "LiSSAInfluence", "NumericalError", "Task", "TopK",
 ]

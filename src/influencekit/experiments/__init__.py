@@ -1,0 +1,1 @@
+"""The paper's studies as code, and the CLI subcommands that run them."""
