@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def fit_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn,
                    l2: float, weights: torch.Tensor | None = None, iters: int = 200) -> nn.Module:
     """Minimise mean(w_i·loss_i) + l2/2·‖θ‖² with L-BFGS to high precision (in place)."""

@@ -13,10 +13,10 @@ import copy
 
 import pytest
 import torch
-from conftest import ce, fit_full_batch
 from torch import nn
 
 import influencekit as ik
+from conftest import ce, fit_full_batch
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

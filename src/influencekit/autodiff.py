@@ -20,8 +20,16 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
-from .batching import Batch, Data, batch_size_of, iter_batches, num_examples, slice_batch
-from .batching import to_device, tree_map
+from .batching import (
+    Batch,
+    Data,
+    batch_size_of,
+    iter_batches,
+    num_examples,
+    slice_batch,
+    to_device,
+    tree_map,
+)
 from .errors import InputError, check_finite
 from .task import Task
 

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Influence functions for deep networks: estimate, diagnose, act.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in SUBCOMMANDS.items():
+    for module in SUBCOMMANDS.values():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -92,12 +92,13 @@ class CGInfluence(Estimator):
         rs = (r * r).sum(1)
         target = self.tol * b.norm(dim=1)
         active = rs.sqrt() > target
-        it = 0
         bar = tqdm(range(self.max_iter), desc="CG", leave=False,
                    disable=None if self.progress is None else not self.progress)
-        for it in bar:
+        self.iterations_used = 0
+        for _ in bar:
             if not active.any():
                 break
+            self.iterations_used += 1
             idx = active.nonzero().squeeze(1)
             ap = self._apply(p[idx])
             pap = (p[idx] * ap).sum(1)
@@ -121,7 +122,6 @@ class CGInfluence(Estimator):
                     f"CG did not converge in {self.max_iter} iterations for {int(active.sum())} "
                     "queries; raise max_iter or damping.", stacklevel=2)
         bar.close()
-        self.iterations_used = it
         return x
 
 
