@@ -47,9 +47,11 @@ def logistic_problem():
     return model, x, y, l2
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def mlp_problem():
-    """A tiny tanh MLP (3 classes, 59 parameters) trained on 40 points (float64)."""
+    """A tiny tanh MLP (3 classes, 59 parameters) trained on 40 points (float64).
+
+    Module-scoped: tests must not change the model's parameters."""
     g = torch.Generator().manual_seed(1)
     n = 40
     x = torch.randn(n, 3, generator=g, dtype=torch.float64)

@@ -9,6 +9,8 @@ Sign convention: ``score(q, x) = ∇m(q)ᵀ (H + λI)⁻¹ ∇ℓ(x)``; up-weigh
 ``m(q)`` by about ``−ε·score``.
 """
 
+from . import data as data  # built-in datasets: ik.data.load("digits")
+from . import models as models  # built-in models: ik.models.build("mlp", ...)
 from .errors import ArtifactError, CurvatureError, InfluenceError, InputError, NumericalError
 from .estimators import (
     METHODS,

@@ -88,7 +88,7 @@ def per_example_grads(task: Task, batch: Batch, kind: str = "loss") -> torch.Ten
         return torch.stack(rows)
 
     with task.evaluating():
-        g = _try_vmap(task, f"per-example {kind} gradients", fast, slow)
+        g = _try_vmap(task, "per-example gradients", fast, slow)
     return check_finite(
         g.detach(), f"per-example {kind} gradients",
         "Check the inputs for NaN/inf and the model for overflow (e.g. log of 0).",

@@ -236,7 +236,8 @@ def select_params(model: nn.Module, spec: ParamSpec) -> list[str]:
     return chosen
 
 
-def _cross_entropy(outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+def cross_entropy(outputs: Any, batch: Batch) -> torch.Tensor:
+    """Per-example cross-entropy of logits (or ``.logits``) against ``batch[1]``."""
     return F.cross_entropy(_logits(outputs), batch[1], reduction="none")
 
 
@@ -284,7 +285,7 @@ class ClassificationTask(Task):
     ):
         super().__init__(
             model,
-            loss=_cross_entropy,
+            loss=cross_entropy,
             forward=forward,
             measurement=_classification_measurement(measurement),
             params=params,
@@ -301,7 +302,7 @@ def _classification_measurement(m: str | tuple[str, int] | LossFn) -> LossFn:
     if callable(m):
         return m
     if m == "loss":
-        return _cross_entropy
+        return cross_entropy
     if m == "margin":
         return margin_loss
     if isinstance(m, tuple) and len(m) == 2 and m[0] == "logit":

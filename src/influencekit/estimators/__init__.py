@@ -1,5 +1,6 @@
 """Influence estimators, all with the same face: fit / scores / self_influence / top_k."""
 
+from .arnoldi import ArnoldiComplement, ArnoldiInfluence, ArnoldiTopK
 from .base import Estimator, TopK
 from .classic import CGInfluence, ExactInfluence, GradCos, GradDot, LiSSAInfluence
 
@@ -10,9 +11,13 @@ METHODS: dict[str, type[Estimator]] = {
     "lissa": LiSSAInfluence,
     "graddot": GradDot,
     "gradcos": GradCos,
+    "arnoldi": ArnoldiInfluence,
+    "arnoldi-topk": ArnoldiTopK,
+    "arnoldi-complement": ArnoldiComplement,
 }
 
 __all__ = [
-    "METHODS", "CGInfluence", "Estimator", "ExactInfluence", "GradCos", "GradDot",
+    "METHODS", "ArnoldiComplement", "ArnoldiInfluence", "ArnoldiTopK", "CGInfluence",
+    "Estimator", "ExactInfluence", "GradCos", "GradDot",
     "LiSSAInfluence", "TopK",
 ]

@@ -1,0 +1,288 @@
+"""Top eigenpairs of a symmetric operator by Arnoldi iteration (Schioppa et al. 2022, ABIF).
+
+Three layers, each usable alone:
+
+- :func:`arnoldi`: the iteration on any ``matvec`` (``[k, P] -> [k, P]``): modified Gram–Schmidt
+  (two passes), early stop on an invariant subspace, seeded start, optionally ``block`` vectors
+  per pass (block Krylov: one pass over the data serves several vectors).
+- :func:`distill`: the Rayleigh–Ritz step: symmetrise the projected matrix, keep the top ``rank``
+  eigenpairs by ``|λ|`` (or only positive ones), map eigenvectors back to parameter space.
+- :class:`DataCurvature` + :func:`curvature_eigenpairs`: the mean-loss Hessian / GGN of a task
+  as the operator, applied to a *fixed* set, the *full* set, or a *stream*: each pass takes the
+  next batch of a seeded shuffle of the training set, so that the passes together cover it (as
+  the paper's reference implementation does); products are accumulated in float64.
+
+Memory: ``(iterations + block) × P`` basis values (float64 when that is at most
+``basis_budget`` bytes, float32 beyond) plus one micro-batch of curvature products; it never
+grows with the number of examples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..autodiff import _check_curvature, mean_curvature_vp
+from ..batching import Data, num_examples, take, to_device
+from ..errors import InputError, check_finite
+from ..task import Task
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+WHICH = ("magnitude", "positive")
+HESSIAN_SETS = ("stream", "fixed", "full")
+
+
+@dataclass
+class Krylov:
+    """An orthonormal Krylov basis and the operator's coefficients in it.
+
+    ``operator(basis[j]) ≈ Σ_i projected[i, j] · basis[i]`` for the ``applied`` first vectors.
+    """
+
+    basis: torch.Tensor  # [m, P], orthonormal rows
+    projected: torch.Tensor  # [m, m] float64
+    applied: int  # vectors the operator was applied to (the square block used by distill)
+    stopped_early: bool  # an invariant subspace was found
+
+
+@dataclass
+class Eigenpairs:
+    """Eigenvalues (float64, ordered as selected) and unit eigenvectors as rows ``[r, P]``."""
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+
+# --------------------------------------------------------------------------- iteration
+def arnoldi(
+    matvec: MatVec, dim: int, iterations: int, *, block: int = 1, seed: int = 0,
+    start: torch.Tensor | None = None, tol: float = 1e-9, dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu", progress: bool | None = None,
+) -> Krylov:
+    """Run ``iterations`` operator applications of (block) Arnoldi.
+
+    Args:
+        matvec: applies the operator to each row of a ``[k, P]`` float64 tensor.
+        dim: ``P``; iterations: number of vectors the operator is applied to in total.
+        block: vectors per pass (``matvec`` is called with up to ``block`` rows at once).
+        seed, start: the start block is ``start`` (``[P]`` or ``[block, P]``) or seeded noise.
+        tol: stop when a new direction's norm falls below ``tol × ‖operator‖`` (invariant
+            subspace); dtype: storage of the basis (coefficients are always float64).
+    """
+    if iterations < 1 or block < 1 or dim < 1:
+        raise InputError(
+            f"arnoldi needs iterations ≥ 1, block ≥ 1 and dim ≥ 1 (got {iterations}, {block}, "
+            f"{dim}).")
+    block = min(block, iterations, dim)
+    cap = min(iterations + block, dim)
+    basis = torch.zeros(cap, dim, dtype=dtype, device=device)
+    coef = torch.zeros(cap, cap, dtype=torch.float64)
+    if start is None:
+        gen = torch.Generator().manual_seed(seed)
+        start = torch.randn(block, dim, generator=gen, dtype=torch.float64)
+    start = start.reshape(-1, dim).to(device=device, dtype=torch.float64)
+    m = 0
+    for v in start:
+        v, _ = _orthogonalize(v, basis[:m])
+        norm = v.norm()
+        if norm > 1e-12 and m < cap:
+            basis[m] = (v / norm).to(dtype)
+            m += 1
+    if m == 0:
+        raise InputError("arnoldi: the start vector is zero; give a nonzero start.")
+
+    scale = 0.0
+    applied = 0
+    stopped = False
+    bar = tqdm(total=iterations, desc="Arnoldi", unit="hvp", leave=False,
+               disable=None if progress is None else not progress)
+    with bar:
+        while applied < iterations:
+            stop = min(applied + block, m, iterations)
+            if stop == applied:  # every basis vector applied, nothing new: invariant subspace
+                stopped = True
+                break
+            w_block = matvec(basis[applied:stop].to(torch.float64)).to(torch.float64)
+            check_finite(w_block, "an Arnoldi operator product",
+                         "The curvature overflowed; check the loss and model.")
+            for j, w in zip(range(applied, stop), w_block, strict=True):
+                scale = max(scale, float(w.norm()))
+                w, c = _orthogonalize(w, basis[:m])
+                coef[:m, j] = c
+                norm = float(w.norm())
+                if norm > tol * max(scale, 1e-300) and m < cap:
+                    basis[m] = (w / norm).to(dtype)
+                    coef[m, j] = norm
+                    m += 1
+            bar.update(stop - applied)
+            applied = stop
+    return Krylov(basis[:m], coef[:m, :m], applied, stopped)
+
+
+def _orthogonalize(w: torch.Tensor, q: torch.Tensor, chunk: int = 16,
+                   passes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove the span of ``q``'s rows from ``w`` by modified Gram–Schmidt, chunk by chunk,
+    twice ("twice is enough"). Returns the residual and the float64 coefficients."""
+    coef = torch.zeros(q.shape[0], dtype=torch.float64, device=w.device)
+    w = w.to(torch.float64)
+    for _ in range(passes):
+        for i in range(0, q.shape[0], chunk):
+            rows = q[i:i + chunk].to(torch.float64)
+            c = rows @ w
+            w = w - c @ rows
+            coef[i:i + chunk] += c
+    return w, coef.cpu()
+
+
+# --------------------------------------------------------------------------- distillation
+def distill(krylov: Krylov, rank: int, which: str = "magnitude",
+            dtype: torch.dtype | None = None) -> Eigenpairs:
+    """Top ``rank`` eigenpairs of the operator from its Krylov basis.
+
+    The square block of the projected (Hessenberg) matrix is symmetrised, ``½(A + Aᵀ)`` (the
+    operator is symmetric; with a streamed operator this also averages the two noisy estimates
+    of each entry), eigen-decomposed, and eigenvectors are mapped back: ``e_j = Σ_i U_ij q_i``.
+
+    Args:
+        which: ``"magnitude"`` (largest ``|λ|`` first) or ``"positive"`` (largest positive
+            eigenvalues only; fewer than ``rank`` when the operator has fewer).
+        dtype: of the returned eigenvectors (default: the basis's).
+    """
+    if which not in WHICH:
+        raise InputError(f"which must be one of {WHICH}, got {which!r}.")
+    if rank < 1:
+        raise InputError(f"rank must be a positive integer, got {rank}.")
+    n = krylov.applied
+    a = krylov.projected[:n, :n]
+    values, u = torch.linalg.eigh((a + a.T) / 2)
+    if which == "positive":
+        order = torch.argsort(values, descending=True)
+        order = order[values[order] > 0]
+    else:
+        order = torch.argsort(values.abs(), descending=True)
+    order = order[:rank]
+    basis = krylov.basis[:n]
+    vectors = (u[:, order].T.to(basis.device, torch.float64) @ basis.to(torch.float64))
+    vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    info = {"krylov_dim": n, "stopped_early": krylov.stopped_early,
+            "ritz_values": values.flip(0).tolist()}
+    return Eigenpairs(values[order].clone(), vectors.to(dtype or basis.dtype), info)
+
+
+def top_eigenpairs(matvec: MatVec, dim: int, rank: int, iterations: int | None = None, *,
+                   which: str = "magnitude", **kw: Any) -> Eigenpairs:
+    """:func:`arnoldi` then :func:`distill` (``iterations`` defaults to ``max(2·rank, 20)``)."""
+    iterations = iterations or max(2 * rank, 20)
+    return distill(arnoldi(matvec, dim, iterations, **kw), rank, which)
+
+
+# --------------------------------------------------------------------------- data curvature
+class DataCurvature:
+    """The curvature of a task's *mean* training loss as a ``[k, P] -> [k, P]`` operator.
+
+    Args:
+        hessian_set: ``"full"`` (every call uses all of ``data``), ``"fixed"`` (one seeded
+            random subset of ``batch_size`` examples, every call) or ``"stream"`` (each call
+            takes the next ``batch_size`` examples of a seeded shuffle, reshuffled per epoch).
+        batch_size: examples per call for ``"fixed"`` / ``"stream"``.
+        micro_batch_size: examples per curvature-product evaluation (bounds memory; results
+            are summed in float64 and do not depend on it).
+    """
+
+    def __init__(self, task: Task, data: Data, curvature: str = "hessian", *,
+                 hessian_set: str = "stream", batch_size: int = 256,
+                 micro_batch_size: int = 256, seed: int = 0):
+        _check_curvature(curvature)
+        if hessian_set not in HESSIAN_SETS:
+            raise InputError(f"hessian_set must be one of {HESSIAN_SETS}, got {hessian_set!r}.")
+        if batch_size < 1 or micro_batch_size < 1:
+            raise InputError("batch_size and micro_batch_size must be positive integers.")
+        self.task, self.data, self.curvature = task, data, curvature
+        self.hessian_set = hessian_set
+        self.n = num_examples(data)
+        self.batch_size = min(batch_size, self.n)
+        self.micro = micro_batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.examples_seen = 0
+        self._order = torch.empty(0, dtype=torch.long)
+        self._fixed = None
+        if hessian_set == "fixed":
+            self._fixed = take(data, torch.randperm(self.n, generator=self.gen)[:self.batch_size])
+
+    def _next_batch(self) -> Any:
+        if self._fixed is not None:
+            return self._fixed
+        while self._order.numel() < self.batch_size:  # next epoch of the stream
+            self._order = torch.cat([self._order, torch.randperm(self.n, generator=self.gen)])
+        idx, self._order = self._order[:self.batch_size], self._order[self.batch_size:]
+        return take(self.data, idx)
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        data = self.data if self.hessian_set == "full" else self._next_batch()
+        if self.hessian_set != "full":
+            data = to_device(data, self.task.device)
+        self.examples_seen += self.n if self.hessian_set == "full" else self.batch_size
+        vectors = vectors.to(self.task.device)
+        return mean_curvature_vp(self.task, data, vectors, self.curvature,
+                                 batch_size=self.micro)
+
+
+def stream_batch_size(n: int, iterations: int, block: int = 1, epochs: float = 1.0,
+                      minimum: int = 32, params: int | None = None,
+                      budget: float = 0.0) -> int:
+    """Examples per pass so that ``ceil(iterations / block)`` passes cover ``epochs × n``.
+
+    With ``params`` and ``budget``, each pass takes at least ``budget / (passes × params)``
+    examples: small models get (up to) the full training set every pass for the cost that a
+    large model spends on one epoch.
+    """
+    passes = math.ceil(iterations / block)
+    if params and budget > 0:
+        minimum = max(minimum, math.ceil(budget / (passes * params)))
+    return max(1, min(n, max(minimum, math.ceil(epochs * n / passes))))
+
+
+def curvature_eigenpairs(
+    task: Task, data: Data, rank: int = 50, iterations: int = 200, *,
+    curvature: str = "hessian", which: str = "magnitude", hessian_set: str = "stream",
+    hessian_batch_size: int | None = None, hessian_epochs: float = 1.0, block: int = 1,
+    micro_batch_size: int = 256, seed: int = 0, basis_budget: int = 2 * 2**30,
+    hessian_budget: float = 1e9, progress: bool | None = None,
+) -> Eigenpairs:
+    """Top ``rank`` eigenpairs of the mean-loss curvature of ``task`` over ``data``.
+
+    With ``hessian_set="stream"`` and no ``hessian_batch_size``, each pass takes
+    ``ceil(hessian_epochs × N / passes)`` examples, so the Hessian information comes from the
+    whole training set at the cost of about ``hessian_epochs`` epochs of curvature products; and
+    at least ``max(32, hessian_budget / (passes × P))``, so that a small model (where more
+    examples per pass cost little and improve the eigenbasis most) gets up to the full set every
+    pass. The default budget (1e9 example-parameters) gives the digits MLP (P = 2.4k) the full
+    set and the MNIST CNN (P = 106k) 48 examples per pass. Eigenvectors are returned in the
+    task's dtype, eigenvalues in float64.
+    """
+    p = task.num_params
+    n = num_examples(data)
+    if hessian_batch_size is None:
+        hessian_batch_size = (stream_batch_size(n, iterations, block, hessian_epochs, params=p,
+                                                budget=hessian_budget)
+                              if hessian_set != "full" else n)
+    op = DataCurvature(task, data, curvature, hessian_set=hessian_set,
+                       batch_size=hessian_batch_size, micro_batch_size=micro_batch_size,
+                       seed=seed)
+    dtype = torch.float64 if (iterations + block) * p * 8 <= basis_budget else torch.float32
+    krylov = arnoldi(op, p, min(iterations, p), block=block, seed=seed, dtype=dtype,
+                     device=task.device, progress=progress)
+    pairs = distill(krylov, rank, which, dtype=task.dtype)
+    pairs.info.update(examples_seen=op.examples_seen, hessian_set=hessian_set,
+                      hessian_batch_size=op.batch_size if hessian_set != "full" else n,
+                      curvature=curvature)
+    return pairs

@@ -1,0 +1,356 @@
+"""Arnoldi iteration and ArnoldiInfluence against dense oracles and invariances.
+
+Tolerances (float64 throughout):
+- known spectra: top eigenvalues within 1e-8 relative to the largest, eigenvectors |cos| > 1 − 1e-8;
+- tiny model: eigenpairs of the dense Hessian / GGN (``torch.linalg.eigh``) within 1e-8 relative;
+- rank = P: ExactInfluence's scores within 1e-8 relative (Frobenius);
+- batch / chunk sizes, resume: scores equal within 1e-12 relative (only summation order changes).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import influencekit as ik
+from influencekit.curvature import arnoldi, curvature_eigenpairs, dense_curvature, distill
+from influencekit.curvature.arnoldi import DataCurvature, top_eigenpairs
+from influencekit.estimators import METHODS
+from influencekit.estimators.arnoldi import _horizon_filter
+from influencekit.store import Artifact
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids synchronisation overhead (and noisy neighbours)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _sym(values: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=g,
+                                       dtype=torch.float64))
+    return q @ torch.diag(values) @ q.T, q
+
+
+def _spectrum(p: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    top = torch.tensor([50.0, -40.0, 30.0, 20.0, -15.0, 10.0, 8.0, 6.0, 5.0, 4.0],
+                       dtype=torch.float64)
+    return torch.cat([top, torch.rand(p - 10, generator=g, dtype=torch.float64) - 0.5])
+
+
+# ----------------------------------------------------------------------------- known spectra
+@pytest.mark.parametrize("block", [1, 3])
+def test_top_eigenpairs_of_known_spectrum(block):
+    lam = _spectrum(200)
+    a, q = _sym(lam)
+    pairs = top_eigenpairs(lambda v: v @ a, 200, 10, 80, block=block, seed=3)
+    order = lam.abs().argsort(descending=True)[:10]
+    assert torch.allclose(pairs.values, lam[order], atol=1e-8 * 50, rtol=0)
+    cos = (pairs.vectors * q[:, order].T).sum(1).abs()
+    assert (cos > 1 - 1e-8).all(), cos
+    assert torch.allclose(pairs.vectors.norm(dim=1), torch.ones(10, dtype=torch.float64))
+
+
+def test_positive_only_and_eigh_agree():
+    lam = _spectrum(120, seed=1)
+    a, _ = _sym(lam, seed=1)
+    ref = torch.linalg.eigh(a).eigenvalues.flip(0)
+    pairs = top_eigenpairs(lambda v: v @ a, 120, 5, 60, which="positive")
+    assert (pairs.values > 0).all()
+    assert torch.allclose(pairs.values, ref[:5], atol=1e-8 * 50, rtol=0)
+
+
+def test_invariant_subspace_stops_early():
+    lam = torch.zeros(60, dtype=torch.float64)
+    lam[:4] = torch.tensor([3.0, 2.0, -1.0, 0.5], dtype=torch.float64)
+    a, _ = _sym(lam, seed=2)
+    calls = []
+
+    def matvec(v):
+        calls.append(v.shape[0])
+        return v @ a
+
+    kr = arnoldi(matvec, 60, 50)
+    assert kr.stopped_early and sum(calls) <= 6
+    pairs = distill(kr, 4)
+    assert torch.allclose(pairs.values, torch.tensor([3.0, 2.0, -1.0, 0.5],
+                                                     dtype=torch.float64), atol=1e-10)
+
+
+def test_seeded_start_is_reproducible():
+    a, _ = _sym(_spectrum(100))
+    one = arnoldi(lambda v: v @ a, 100, 20, seed=7)
+    two = arnoldi(lambda v: v @ a, 100, 20, seed=7)
+    other = arnoldi(lambda v: v @ a, 100, 20, seed=8)
+    assert torch.equal(one.basis, two.basis) and torch.equal(one.projected, two.projected)
+    assert not torch.allclose(one.basis, other.basis)
+
+
+def test_basis_stays_orthonormal():
+    a, _ = _sym(_spectrum(300, seed=4), seed=4)
+    kr = arnoldi(lambda v: v @ a, 300, 150)
+    gram = kr.basis @ kr.basis.T
+    assert (gram - torch.eye(gram.shape[0], dtype=torch.float64)).abs().max() < 1e-12
+
+
+# ----------------------------------------------------------------------------- tiny model
+@pytest.fixture(scope="module")
+def tiny():
+    """A tanh MLP (3 → 8 → 3, 59 parameters) fitted on 48 points (float64), L2-regularised."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 3, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=30, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss = loss + 0.005 * sum((p ** 2).sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return ik.ClassificationTask(model), x, y
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_eigenpairs_match_dense_curvature(tiny, curvature):
+    task, x, y = tiny
+    h = dense_curvature(task, (x, y), curvature)
+    lam, vec = torch.linalg.eigh(h)
+    order = lam.abs().argsort(descending=True)[:8]
+    pairs = curvature_eigenpairs(task, (x, y), 8, 40, curvature=curvature, hessian_set="full",
+                                 micro_batch_size=16)
+    scale = float(lam.abs().max())
+    assert torch.allclose(pairs.values, lam[order], atol=1e-8 * scale, rtol=0)
+    cos = (pairs.vectors.double() * vec[:, order].T).sum(1).abs()
+    assert (cos > 1 - 1e-6).all(), cos
+
+
+def test_stream_covers_the_set_and_approximates_full(tiny):
+    task, x, y = tiny
+    lam = torch.linalg.eigh(dense_curvature(task, (x, y))).eigenvalues
+    top = float(lam.abs().max())
+    op = DataCurvature(task, (x, y), hessian_set="stream", batch_size=16, seed=0)
+    kr = arnoldi(op, task.num_params, 30)
+    assert op.examples_seen == 30 * 16 >= len(y)
+    est = distill(kr, 1).values[0]
+    assert abs(float(est) - top) < 0.5 * top  # a noisy but faithful estimate
+    # a stream batch as large as the set is the full curvature
+    full = curvature_eigenpairs(task, (x, y), 3, 20, hessian_set="full")
+    stream = curvature_eigenpairs(task, (x, y), 3, 20, hessian_set="stream",
+                                  hessian_batch_size=len(y))
+    assert torch.allclose(full.values, stream.values, rtol=1e-8)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("variant", ["topk", "complement"])
+def test_full_rank_equals_exact(tiny, curvature, variant):
+    task, x, y = tiny
+    p = task.num_params
+    exact = ik.ExactInfluence(task, damping=0.01, curvature=curvature).fit((x, y))
+    est = ik.ArnoldiInfluence(task, rank=p, iterations=p, damping=0.01, curvature=curvature,
+                              variant=variant, which="magnitude", hessian_set="full")
+    est.fit((x, y))
+    q = (x[:6], y[:6])
+    assert _rel(est.scores(q), exact.scores(q)) < 1e-8
+    assert _rel(est.self_influence(), exact.self_influence()) < 1e-8
+
+
+def test_low_rank_complement_matches_dense_formula(tiny):
+    task, x, y = tiny
+    h = dense_curvature(task, (x, y))
+    lam, vec = torch.linalg.eigh(h)
+    order = lam.abs().argsort(descending=True)[:10]
+    e, lk = vec[:, order], lam[order]
+    c = 1.0 / (float(lk.abs().min()) + 0.01)
+    pre = e @ torch.diag(1 / (lk + 0.01)) @ e.T + c * (torch.eye(len(lam), dtype=torch.float64)
+                                                       - e @ e.T)
+    gq = ik.autodiff.all_grads(task, (x[:5], y[:5]), kind="measurement")
+    gx = ik.autodiff.all_grads(task, (x, y))
+    est = METHODS["arnoldi-complement"](task, rank=10, iterations=59, damping=0.01,
+                                        hessian_set="full").fit((x, y))
+    assert _rel(est.scores((x[:5], y[:5])), gq @ pre @ gx.T) < 1e-7
+
+
+def test_horizon_filter_limits_and_one_step_is_graddot(tiny):
+    lam = torch.tensor([2.0, 1e-3, 0.0, 1e-15], dtype=torch.float64)
+    f = _horizon_filter(lam, 0.1, 10)
+    ref = (1 - (1 - 0.1 * lam[:2]) ** 10) / lam[:2]
+    assert torch.allclose(f[:2], ref, rtol=1e-10)
+    assert torch.allclose(f[2:], torch.full((2,), 1.0, dtype=torch.float64))
+    assert torch.allclose(_horizon_filter(torch.tensor([3.0], dtype=torch.float64), 0.1, 10**6),
+                          torch.tensor([1 / 3.0], dtype=torch.float64))
+    # one step of lr η: (1 − (1 − ηλ))/λ = η on every direction, so scores are η · GradDot
+    task, x, y = tiny
+    est = ik.ArnoldiInfluence(task, rank=5, iterations=20, horizon=(0.3, 1), complement=True,
+                              hessian_set="full").fit((x, y))
+    dot = ik.GradDot(task).scores((x[:4], y[:4]), (x, y))
+    assert _rel(est.scores((x[:4], y[:4])), 0.3 * dot) < 1e-10
+
+
+def test_default_horizon_is_inverse_top_eigenvalue(tiny):
+    task, x, y = tiny
+    kw = dict(rank=5, iterations=20, hessian_set="full")
+    a = ik.ArnoldiInfluence(task, horizon=7, **kw).fit((x, y))
+    lr = 1.0 / float(a.eigen.values.abs().max())
+    b = ik.ArnoldiInfluence(task, horizon=(lr, 7), **kw).fit((x, y))
+    c = ik.ArnoldiInfluence(task, **kw).fit((x, y))  # default: (1/λ_max, 100)
+    d = ik.ArnoldiInfluence(task, horizon=(None, 100), **kw).fit((x, y))
+    assert torch.equal(a.spectral_filter()[0], b.spectral_filter()[0])
+    assert torch.equal(c.spectral_filter()[0], d.spectral_filter()[0])
+    assert (c.eigen.values > 0).all()  # the horizon variant keeps positive eigenvalues
+
+
+@pytest.mark.parametrize("variant", ["topk", "complement", "horizon"])
+def test_self_influence_is_diagonal_of_scores(tiny, variant):
+    task, x, y = tiny
+    est = ik.ArnoldiInfluence(task, rank=6, iterations=30, damping=0.05, variant=variant,
+                              hessian_batch_size=16).fit((x, y))
+    assert _rel(est.self_influence(), torch.diag(est.scores((x, y)))) < 1e-10
+
+
+def test_independent_of_batch_chunk_and_query_sizes(tiny):
+    task, x, y = tiny
+    ref = None
+    for bs, chunk, qc, micro in [(64, 4096, None, 256), (7, 11, 4, 5)]:
+        est = ik.ArnoldiInfluence(task, rank=6, iterations=30, damping=0.05, batch_size=bs,
+                                  chunk_size=chunk, query_chunk=qc, micro_batch_size=micro,
+                                  hessian_set="fixed", hessian_batch_size=40, variant="topk")
+        s = est.fit((x, y)).scores((x[:9], y[:9]))
+        ref = s if ref is None else ref
+        assert _rel(s, ref) < 1e-12
+
+
+def test_jvp_and_gradient_projections_agree(tiny):
+    task, x, y = tiny
+    kw = dict(rank=6, iterations=30, hessian_set="full", variant="topk")
+    a = ik.ArnoldiInfluence(task, projection="jvp", **kw).fit((x, y))
+    b = ik.ArnoldiInfluence(task, projection="grad", **kw).fit((x, y))
+    assert _rel(a.train_projections(), b.train_projections()) < 1e-12
+    assert _rel(a.scores((x[:3], y[:3])), b.scores((x[:3], y[:3]))) < 1e-12
+    c = ik.ArnoldiInfluence(task, projection="auto", **kw).fit((x, y))
+    assert c.projection_method in ("grad", "jvp") and set(c.projection_timings) == {"grad", "jvp"}
+
+
+def test_other_train_set_and_top_k(tiny):
+    task, x, y = tiny
+    est = ik.ArnoldiInfluence(task, rank=6, iterations=30, hessian_set="full").fit((x, y))
+    sub = (x[10:30], y[10:30])
+    full = est.scores((x[:4], y[:4]))
+    assert _rel(est.scores((x[:4], y[:4]), sub), full[:, 10:30]) < 1e-12
+    top = est.top_k((x[:4], y[:4]), k=3)
+    assert torch.equal(top.proponents, full.topk(3, dim=1).indices)
+
+
+# ----------------------------------------------------------------------------- store
+def test_killed_and_resumed_projection_gives_identical_scores(tiny, tmp_path, monkeypatch):
+    task, x, y = tiny
+    kw = dict(rank=6, iterations=30, damping=0.05, chunk_size=5, batch_size=4,
+              hessian_set="fixed", hessian_batch_size=32, store=tmp_path, projection="grad")
+    reference = ik.ArnoldiInfluence(task, **{**kw, "store": None}).fit((x, y))
+    expected = reference.scores((x[:5], y[:5]))
+
+    real = Artifact.write_chunk
+    written: list[int] = []
+
+    def dying(self, i, tensors):
+        if len(written) == 4:
+            raise KeyboardInterrupt("simulated kill after 4 chunks")
+        written.append(i)
+        real(self, i, tensors)
+
+    monkeypatch.setattr(Artifact, "write_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ik.ArnoldiInfluence(task, **kw).fit((x, y))
+    monkeypatch.setattr(Artifact, "write_chunk", real)
+
+    resumed_chunks: list[int] = []
+
+    def counting(self, i, tensors):
+        resumed_chunks.append(i)
+        real(self, i, tensors)
+
+    monkeypatch.setattr(Artifact, "write_chunk", counting)
+    est = ik.ArnoldiInfluence(task, **kw).fit((x, y))
+    assert written == [0, 1, 2, 3] and resumed_chunks == list(range(4, 10))
+    assert torch.equal(est.scores((x[:5], y[:5])), expected)
+    # a third run reuses everything
+    resumed_chunks.clear()
+    again = ik.ArnoldiInfluence(task, **kw).fit((x, y))
+    assert resumed_chunks == [] and torch.equal(again.scores((x[:5], y[:5])), expected)
+
+
+def test_stale_artifact_is_refused(tiny, tmp_path):
+    model, x, y = copy.deepcopy(tiny[0].model), tiny[1], tiny[2]
+    task = ik.ClassificationTask(model)
+    kw = dict(rank=4, iterations=20, hessian_set="full", store=tmp_path)
+    ik.ArnoldiInfluence(task, **kw).fit((x, y))
+    with torch.no_grad():
+        task.model[0].bias.add_(0.01)
+    with pytest.raises(ik.ArtifactError, match="stale.*model"):
+        ik.ArnoldiInfluence(task, **kw).fit((x, y))
+    with pytest.raises(ik.ArtifactError, match="stale"):
+        ik.ArnoldiInfluence(task, **{**kw, "rank": 5}).fit((x, y))  # other settings
+    est = ik.ArnoldiInfluence(task, overwrite=True, **kw).fit((x, y))
+    with pytest.raises(ik.ArtifactError, match="stale.*settings"):  # chunks would not line up
+        ik.ArnoldiInfluence(task, **{**kw, "chunk_size": 7}).fit((x, y))
+    fresh = ik.ArnoldiInfluence(task, rank=4, iterations=20, hessian_set="full").fit((x, y))
+    assert _rel(est.scores((x[:3], y[:3])), fresh.scores((x[:3], y[:3]))) < 1e-12
+    with pytest.raises(ik.ArtifactError, match="stale.*data"):
+        ik.ArnoldiInfluence(task, **kw).fit((x[:-1], y[:-1]))
+
+
+def test_corrupted_projection_chunk_is_refused(tiny, tmp_path):
+    task, x, y = tiny
+    kw = dict(rank=4, iterations=20, hessian_set="full", store=tmp_path, chunk_size=10)
+    ik.ArnoldiInfluence(task, **kw).fit((x, y))
+    f = tmp_path / "arnoldi-projections" / "chunk-000002.safetensors"
+    blob = bytearray(f.read_bytes())
+    blob[-3] ^= 0xFF
+    f.write_bytes(bytes(blob))
+    est = ik.ArnoldiInfluence(task, **kw).fit((x, y))
+    with pytest.raises(ik.ArtifactError, match="corrupted"):
+        est.self_influence()
+    est.variant, est.complement = "topk", False  # scores from projections alone
+    with pytest.raises(ik.ArtifactError, match="corrupted"):
+        est.scores((x[:2], y[:2]))
+
+
+# ----------------------------------------------------------------------------- errors, registry
+def test_clear_errors(tiny):
+    task, x, y = tiny
+    with pytest.raises(ik.InputError, match="iterations"):
+        ik.ArnoldiInfluence(task, rank=50, iterations=10)
+    with pytest.raises(ik.InputError, match="variant"):
+        ik.ArnoldiInfluence(task, variant="nope")
+    with pytest.raises(ik.InputError, match="fitted"):
+        ik.ArnoldiInfluence(task, rank=2, iterations=4).scores((x[:2], y[:2]))
+    with pytest.raises(ik.InputError, match="horizon"):
+        ik.ArnoldiInfluence(task, variant="topk", horizon=(0.1, 10))
+
+
+def test_registered_with_defaults(tiny):
+    task, x, y = tiny
+    for name, variant in [("arnoldi", "horizon"), ("arnoldi-topk", "topk"),
+                          ("arnoldi-complement", "complement")]:
+        est = METHODS[name](task, damping=0.01)
+        assert isinstance(est, ik.ArnoldiInfluence) and est.variant == variant
+        assert est.rank == 50 and est.iterations == 200
+    est = METHODS["arnoldi-topk"](task, rank=3, iterations=10, hessian_set="full")
+    assert est.fit((x, y)).scores((x[:2], y[:2])).shape == (2, len(y))

@@ -1,0 +1,80 @@
+"""`influencekit evaluate`: a smoke run on tiny settings, reports, errors and the cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from influencekit.cli import main
+from influencekit.errors import InputError
+from influencekit.experiments.evaluate import markdown_table, parse_methods
+
+TINY = ["evaluate", "--dataset", "synthetic", "--n-train", "60", "--n-queries", "8",
+        "--hidden", "4", "--epochs", "3", "--batch-size", "16", "--n-removed", "5",
+        "--lds-subsets", "5", "--n-pbrf", "3", "--warm-epochs", "2", "--no-progress",
+        "--threads", "1"]
+
+
+def test_evaluate_smoke(tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = TINY + ["--methods", "graddot,exact,gradcos,cg:curvature=ggn:mislabel=False,tracin",
+                   "--out", str(out), "--cache-dir", str(cache), "--damping", "0.01"]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    report = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in report["results"]}
+    cg = "cg:curvature=ggn:mislabel=False"
+    assert list(rows) == ["exact", "graddot", "gradcos", cg]  # exact first
+    assert "tracin" in printed.err and "not registered" in printed.err
+    assert report["damping"] == 0.01 and report["model"]["params"] == 8 * 4 + 4 + 4 * 3 + 3
+    for name, r in rows.items():
+        assert r["error"] is None, (name, r["error"])
+        for key in ("loo_warm", "loo_scratch", "lds", "pbrf", "mislabel_auc"):
+            if name == cg and key == "mislabel_auc":
+                assert key not in r  # skipped on request
+                continue
+            assert -1.0 <= r[key] <= 1.0 or math.isnan(r[key]), (name, key, r[key])
+        assert r["time_s"] > 0
+    assert "spearman_vs_exact" not in rows["exact"]
+    assert rows["graddot"]["spearman_vs_exact"] <= 1.0
+    md = (out / "results.md").read_text()
+    assert "| method | Spearman vs exact |" in md and f"| {cg} |" in md
+    assert report["reference"] == "exact"
+    assert "| method |" in printed.out
+    # the rerun reads every retraining from the cache and gives the same ground-truth metrics
+    assert main(argv + ["--ground-truth", "loo-scratch,lds"]) == 0
+    again = {r["method"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert again["graddot"]["lds"] == pytest.approx(rows["graddot"]["lds"])
+    assert "pbrf" not in again["graddot"]
+
+
+def test_evaluate_bad_arguments(capsys):
+    assert main(TINY + ["--methods", "exact,nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'nonsense'" in err and "graddot" in err
+    assert main(TINY + ["--ground-truth", "loo,lds"]) == 2
+    assert "unknown ground truth" in capsys.readouterr().err
+
+
+def test_parse_methods_options():
+    specs = parse_methods("exact, cg:curvature=ggn:max_iter=7 ,lissa")
+    assert specs[0] == ("exact", "exact", {})
+    assert specs[1] == ("cg:curvature=ggn:max_iter=7", "cg", {"curvature": "ggn", "max_iter": 7})
+    assert specs[2][2]["depth"] > 0  # a default that keeps the run short
+    with pytest.raises(InputError, match="key=value"):
+        parse_methods("cg:ggn")
+
+
+def test_markdown_table_marks_failures():
+    md = markdown_table([{"method": "a", "lds": 0.5, "time_s": 1.0},
+                         {"method": "b", "error": "CurvatureError: not PD"}])
+    assert "| a | 0.500 | 1.0 |" in md and "failed: CurvatureError" in md
+
+
+def test_help_lists_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    assert "--methods" in out and "damping" in out and "leave-one-out" in out
