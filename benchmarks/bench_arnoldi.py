@@ -22,59 +22,35 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
 
 import influencekit as ik
 from influencekit import data as ikdata
 from influencekit import models as ikmodels
+from influencekit.groundtruth.metrics import mean_spearman
+from influencekit.profiling import peak_memory
 
 HERE = Path(__file__).resolve().parent
 
 
 # --------------------------------------------------------------------------- measurement
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 @contextlib.contextmanager
 def measured(out: dict[str, float], key: str) -> Iterator[None]:
     """Wall time (``key``_s) and peak extra resident memory (``key``_mb) of the block."""
-    base = _rss_mb()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_mb())
-            stop.wait(0.01)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
     t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        out[f"{key}_s"] = time.perf_counter() - t0
-        stop.set()
-        th.join()
-        out[f"{key}_mb"] = max(peak[0], _rss_mb()) - base
-
-
-def mean_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(np.mean([spearmanr(x, y).statistic for x, y in zip(a.numpy(), b.numpy(),
-                                                                      strict=True)]))
+    with peak_memory() as mem:
+        try:
+            yield
+        finally:
+            out[f"{key}_s"] = time.perf_counter() - t0
+    out[f"{key}_mb"] = mem["peak_mb"]
 
 
 # --------------------------------------------------------------------------- workload

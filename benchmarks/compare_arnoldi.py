@@ -14,9 +14,7 @@ holds the ``[100, 4000]`` scores, the total wall time and the peak extra residen
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -24,11 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def run_captum(model, train, queries, hess, args):
@@ -87,6 +80,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from influencekit import models as ikmodels
+    from influencekit.profiling import peak_memory
 
     model = ikmodels.build("cnn")
     model.load_state_dict(torch.load(args.model)["state"])
@@ -95,24 +89,12 @@ def main() -> None:
     train, queries = w["train"], w["queries"]
     hess = (train[0][:args.hessian], train[1][:args.hessian])
 
-    base = _rss_mb()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_mb())
-            stop.wait(0.02)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    scores = RUNNERS[args.library](model, train, queries, hess, args)
-    total = time.perf_counter() - t0
-    stop.set()
-    th.join()
+    with peak_memory(interval=0.02) as mem:
+        t0 = time.perf_counter()
+        scores = RUNNERS[args.library](model, train, queries, hess, args)
+        total = time.perf_counter() - t0
     scores = torch.as_tensor(scores).detach().float().cpu()
-    torch.save({"scores": scores, "total_s": total, "peak_mb": peak[0] - base}, args.out)
+    torch.save({"scores": scores, "total_s": total, "peak_mb": mem["peak_mb"]}, args.out)
     print(f"{args.library}: {total:.1f} s, scores {tuple(scores.shape)}")
 
 

@@ -7,9 +7,8 @@ leaves either the whole file or nothing; rerunning the same work picks up what i
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,40 +17,23 @@ import torch
 
 from ..batching import tree_leaves
 from ..errors import ArtifactError
+from ..store import atomic_write, tensor_fingerprint
 
 T = TypeVar("T")
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` atomically (see :func:`influencekit.store.atomic_write`)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(Path(path), buf.getvalue())
+    return Path(path)
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
     """Write text atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    atomic_write(Path(path), text.encode("utf-8"))
+    return Path(path)
 
 
 def load(path: str | Path) -> Any:
@@ -69,10 +51,7 @@ def fingerprint(*parts: Any) -> str:
     for part in parts:
         leaves = tree_leaves(part)
         if leaves:
-            for t in leaves:
-                t = t.detach().cpu().contiguous()
-                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(tensor_fingerprint(*leaves).encode())
         elif isinstance(part, (list, tuple)) and part and isinstance(part[0], str):
             h.update("\x00".join(part).encode())
         else:
