@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import InfluenceError
+
 # subcommand name -> module under influencekit.experiments (with add_parser and run)
 SUBCOMMANDS = {
     "demo": "influencekit.experiments.demo",
@@ -40,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except InfluenceError as e:
+        print(f"influencekit {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

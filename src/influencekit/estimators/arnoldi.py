@@ -159,14 +159,16 @@ class ArnoldiInfluence(Estimator):
     # ----------------------------------------------------------------- settings
     def settings(self) -> dict[str, Any]:
         """What the eigenbasis depends on (besides model and data)."""
-        return {
+        settings = {
             "method": "arnoldi", "rank": self.rank, "iterations": self.iterations,
             "curvature": self.curvature, "which": self.which, "hessian_set": self.hessian_set,
             "hessian_batch_size": self.hessian_batch_size, "hessian_epochs": self.hessian_epochs,
-            "hessian_budget": self.hessian_budget,
             "block": self.block, "seed": self.seed, "params": self.task.param_names,
             "dtype": str(self.task.dtype),
         }
+        if self.hessian_set != "full" and self.hessian_batch_size is None:
+            settings["hessian_budget"] = self.hessian_budget  # only then does it matter
+        return settings
 
     # ----------------------------------------------------------------- fit
     def _fit(self, train: Data) -> None:

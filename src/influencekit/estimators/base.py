@@ -167,4 +167,6 @@ class Estimator:
         return torch.cat(cols, 1)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(damping={self.damping}, P={self.task.num_params})"
+        curvature = getattr(self, "curvature", None)
+        extra = f", curvature={curvature!r}" if curvature else ""
+        return f"{type(self).__name__}(damping={self.damping}{extra}, P={self.task.num_params})"

@@ -53,6 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="exact", choices=sorted(METHODS),
                    help="influence estimator (default: exact)")
+    p.add_argument("--curvature", default="ggn", choices=["ggn", "hessian"],
+                   help="curvature for the methods that use one (default: ggn, which is "
+                        "positive semi-definite; the MLP's Hessian is indefinite)")
     p.add_argument("--n-train", type=int, default=300, help="training examples (default 300)")
     p.add_argument("--queries", type=int, default=3, help="test queries shown (default 3)")
     p.add_argument("--top", type=int, default=3, help="proponents/opponents shown (default 3)")
@@ -67,12 +70,13 @@ def run(args: argparse.Namespace) -> int:
     xq, yq, _ = make_blobs(args.queries, flips=0, seed=args.seed + 1)
     model = train_mlp(x, y, weight_decay=wd, seed=args.seed)
     task = ClassificationTask(model)
-    kwargs = {} if args.method in ("graddot", "gradcos") else {"damping": wd}
+    kwargs = ({} if args.method in ("graddot", "gradcos")
+              else {"damping": wd, "curvature": args.curvature})
     est = METHODS[args.method](task, **kwargs).fit((x, y))
     acc = (task.predict(x) == y).float().mean().item()
     print(f"Trained a {task.num_params}-parameter MLP on {len(y)} points "
           f"(3 blobs, {len(flipped)} labels flipped); train accuracy {acc:.1%}.")
-    print(f"Estimator: {type(est).__name__}. score > 0: a proponent (training more on it "
+    print(f"Estimator: {est!r}. score > 0: a proponent (training more on it "
           "lowers the query's loss).\n")
     top = est.top_k((xq, yq), k=args.top)
     for q in range(len(yq)):
