@@ -354,3 +354,25 @@ def test_registered_with_defaults(tiny):
         assert est.rank == 50 and est.iterations == 200
     est = METHODS["arnoldi-topk"](task, rank=3, iterations=10, hessian_set="full")
     assert est.fit((x, y)).scores((x[:2], y[:2])).shape == (2, len(y))
+
+
+# ----------------------------------------------------------------------------- sketched complement
+def test_sketched_complement_converges_to_exact_and_stays_consistent(tiny, tmp_path):
+    """A CountSketch of P⊥∇ℓ(x): no collisions (sketch ≫ P) reproduces the exact complement;
+    smaller sketches approximate it; self-influence stays the diagonal of the scores; a stored
+    sketch is reused bit for bit."""
+    task, x, y = tiny
+    kw = dict(rank=6, iterations=30, damping=0.05, hessian_batch_size=16)
+    exact = ik.ArnoldiInfluence(task, **kw).fit((x, y)).scores((x[:7], y[:7]))
+    wide = ik.ArnoldiInfluence(task, sketch=1 << 16, **kw).fit((x, y))  # P = 59: no collision
+    assert _rel(wide.scores((x[:7], y[:7])), exact) < 1e-10
+    narrow = ik.ArnoldiInfluence(task, sketch=256, **kw).fit((x, y))
+    err = _rel(narrow.scores((x[:7], y[:7])), exact)
+    assert 1e-6 < err < 0.5  # an approximation, not a copy
+    assert _rel(narrow.self_influence(), torch.diag(narrow.scores((x, y)))) < 1e-10
+    stored = ik.ArnoldiInfluence(task, sketch=256, store=tmp_path, **kw).fit((x, y))
+    again = ik.ArnoldiInfluence(task, sketch=256, store=tmp_path, **kw).fit((x, y))
+    assert torch.equal(stored.scores((x[:7], y[:7])), again.scores((x[:7], y[:7])))
+    assert torch.equal(again.scores((x[:7], y[:7])), narrow.scores((x[:7], y[:7])))
+    with pytest.raises(ik.InputError, match="sketch"):
+        ik.ArnoldiInfluence(task, sketch=0)
