@@ -28,6 +28,11 @@ def fit_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn,
     return model
 
 
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ (Frobenius)."""
+    return float((a - b).norm() / b.norm())
+
+
 def ce(outputs, y):
     return F.cross_entropy(outputs, y, reduction="none")
 

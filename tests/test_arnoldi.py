@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import influencekit as ik
+from conftest import rel_error
 from influencekit.curvature import arnoldi, curvature_eigenpairs, dense_curvature, distill
 from influencekit.curvature.arnoldi import DataCurvature, top_eigenpairs
 from influencekit.estimators import METHODS
@@ -32,9 +33,6 @@ def _one_thread():
     yield
     torch.set_num_threads(before)
 
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def _sym(values: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,8 +166,8 @@ def test_full_rank_equals_exact(tiny, curvature, variant):
                               variant=variant, which="magnitude", hessian_set="full")
     est.fit((x, y))
     q = (x[:6], y[:6])
-    assert _rel(est.scores(q), exact.scores(q)) < 1e-8
-    assert _rel(est.self_influence(), exact.self_influence()) < 1e-8
+    assert rel_error(est.scores(q), exact.scores(q)) < 1e-8
+    assert rel_error(est.self_influence(), exact.self_influence()) < 1e-8
 
 
 def test_low_rank_complement_matches_dense_formula(tiny):
@@ -185,7 +183,7 @@ def test_low_rank_complement_matches_dense_formula(tiny):
     gx = ik.autodiff.all_grads(task, (x, y))
     est = METHODS["arnoldi-complement"](task, rank=10, iterations=59, damping=0.01,
                                         hessian_set="full").fit((x, y))
-    assert _rel(est.scores((x[:5], y[:5])), gq @ pre @ gx.T) < 1e-7
+    assert rel_error(est.scores((x[:5], y[:5])), gq @ pre @ gx.T) < 1e-7
 
 
 def test_horizon_filter_limits_and_one_step_is_graddot(tiny):
@@ -201,7 +199,7 @@ def test_horizon_filter_limits_and_one_step_is_graddot(tiny):
     est = ik.ArnoldiInfluence(task, rank=5, iterations=20, horizon=(0.3, 1), complement=True,
                               hessian_set="full").fit((x, y))
     dot = ik.GradDot(task).scores((x[:4], y[:4]), (x, y))
-    assert _rel(est.scores((x[:4], y[:4])), 0.3 * dot) < 1e-10
+    assert rel_error(est.scores((x[:4], y[:4])), 0.3 * dot) < 1e-10
 
 
 def test_default_horizon_is_inverse_top_eigenvalue(tiny):
@@ -222,7 +220,7 @@ def test_self_influence_is_diagonal_of_scores(tiny, variant):
     task, x, y = tiny
     est = ik.ArnoldiInfluence(task, rank=6, iterations=30, damping=0.05, variant=variant,
                               hessian_batch_size=16).fit((x, y))
-    assert _rel(est.self_influence(), torch.diag(est.scores((x, y)))) < 1e-10
+    assert rel_error(est.self_influence(), torch.diag(est.scores((x, y)))) < 1e-10
 
 
 def test_independent_of_batch_chunk_and_query_sizes(tiny):
@@ -234,7 +232,7 @@ def test_independent_of_batch_chunk_and_query_sizes(tiny):
                                   hessian_set="fixed", hessian_batch_size=40, variant="topk")
         s = est.fit((x, y)).scores((x[:9], y[:9]))
         ref = s if ref is None else ref
-        assert _rel(s, ref) < 1e-12
+        assert rel_error(s, ref) < 1e-12
 
 
 def test_jvp_and_gradient_projections_agree(tiny):
@@ -242,8 +240,8 @@ def test_jvp_and_gradient_projections_agree(tiny):
     kw = dict(rank=6, iterations=30, hessian_set="full", variant="topk")
     a = ik.ArnoldiInfluence(task, projection="jvp", **kw).fit((x, y))
     b = ik.ArnoldiInfluence(task, projection="grad", **kw).fit((x, y))
-    assert _rel(a.train_projections(), b.train_projections()) < 1e-12
-    assert _rel(a.scores((x[:3], y[:3])), b.scores((x[:3], y[:3]))) < 1e-12
+    assert rel_error(a.train_projections(), b.train_projections()) < 1e-12
+    assert rel_error(a.scores((x[:3], y[:3])), b.scores((x[:3], y[:3]))) < 1e-12
     c = ik.ArnoldiInfluence(task, projection="auto", **kw).fit((x, y))
     assert c.projection_method in ("grad", "jvp") and set(c.projection_timings) == {"grad", "jvp"}
 
@@ -253,7 +251,7 @@ def test_other_train_set_and_top_k(tiny):
     est = ik.ArnoldiInfluence(task, rank=6, iterations=30, hessian_set="full").fit((x, y))
     sub = (x[10:30], y[10:30])
     full = est.scores((x[:4], y[:4]))
-    assert _rel(est.scores((x[:4], y[:4]), sub), full[:, 10:30]) < 1e-12
+    assert rel_error(est.scores((x[:4], y[:4]), sub), full[:, 10:30]) < 1e-12
     top = est.top_k((x[:4], y[:4]), k=3)
     assert torch.equal(top.proponents, full.topk(3, dim=1).indices)
 
@@ -311,7 +309,7 @@ def test_stale_artifact_is_refused(tiny, tmp_path):
     with pytest.raises(ik.ArtifactError, match="stale.*settings"):  # chunks would not line up
         ik.ArnoldiInfluence(task, **{**kw, "chunk_size": 7}).fit((x, y))
     fresh = ik.ArnoldiInfluence(task, rank=4, iterations=20, hessian_set="full").fit((x, y))
-    assert _rel(est.scores((x[:3], y[:3])), fresh.scores((x[:3], y[:3]))) < 1e-12
+    assert rel_error(est.scores((x[:3], y[:3])), fresh.scores((x[:3], y[:3]))) < 1e-12
     with pytest.raises(ik.ArtifactError, match="stale.*data"):
         ik.ArnoldiInfluence(task, **kw).fit((x[:-1], y[:-1]))
 
@@ -365,11 +363,11 @@ def test_sketched_complement_converges_to_exact_and_stays_consistent(tiny, tmp_p
     kw = dict(rank=6, iterations=30, damping=0.05, hessian_batch_size=16)
     exact = ik.ArnoldiInfluence(task, **kw).fit((x, y)).scores((x[:7], y[:7]))
     wide = ik.ArnoldiInfluence(task, sketch=1 << 16, **kw).fit((x, y))  # P = 59: no collision
-    assert _rel(wide.scores((x[:7], y[:7])), exact) < 1e-10
+    assert rel_error(wide.scores((x[:7], y[:7])), exact) < 1e-10
     narrow = ik.ArnoldiInfluence(task, sketch=256, **kw).fit((x, y))
-    err = _rel(narrow.scores((x[:7], y[:7])), exact)
+    err = rel_error(narrow.scores((x[:7], y[:7])), exact)
     assert 1e-6 < err < 0.5  # an approximation, not a copy
-    assert _rel(narrow.self_influence(), torch.diag(narrow.scores((x, y)))) < 1e-10
+    assert rel_error(narrow.self_influence(), torch.diag(narrow.scores((x, y)))) < 1e-10
     stored = ik.ArnoldiInfluence(task, sketch=256, store=tmp_path, **kw).fit((x, y))
     again = ik.ArnoldiInfluence(task, sketch=256, store=tmp_path, **kw).fit((x, y))
     assert torch.equal(stored.scores((x[:7], y[:7])), again.scores((x[:7], y[:7])))

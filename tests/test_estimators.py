@@ -16,12 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import influencekit as ik
+from conftest import rel_error
 from influencekit.autodiff import all_grads, curvature_vp, per_example_grads, value_jvps
 from influencekit.curvature import dense_curvature
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +38,7 @@ def test_dense_hessian_matches_torch_hessian(mlp):
         return task.losses(task.layout.unflatten(flat), (x, y)).mean()
 
     expected = torch.autograd.functional.hessian(mean_loss, theta)
-    assert _rel(dense_curvature(task, (x, y), batch_size=7), expected) < 1e-10
+    assert rel_error(dense_curvature(task, (x, y), batch_size=7), expected) < 1e-10
 
 
 def test_per_example_grads_and_jvps_match_autograd(mlp):
@@ -60,7 +57,7 @@ def test_cg_matches_exact(mlp):
     task, x, y, damping = mlp
     exact = ik.ExactInfluence(task, damping=damping).fit((x, y)).scores((x[:6], y[:6]))
     cg = ik.CGInfluence(task, damping=damping, tol=1e-10, max_iter=200).fit((x, y))
-    assert _rel(cg.scores((x[:6], y[:6])), exact) < 1e-6
+    assert rel_error(cg.scores((x[:6], y[:6])), exact) < 1e-6
 
 
 def test_lissa_matches_exact(mlp):
@@ -71,12 +68,12 @@ def test_lissa_matches_exact(mlp):
     exact = ik.ExactInfluence(task, damping=damping).fit((x, y)).scores((x[:4], y[:4]))
     # Full-batch curvature: the recursion is deterministic and converges to the exact solve.
     full = ik.LiSSAInfluence(task, damping=damping, depth=150, hessian_batch_size=None)
-    assert _rel(full.fit((x, y)).scores((x[:4], y[:4])), exact) < 1e-4
+    assert rel_error(full.fit((x, y)).scores((x[:4], y[:4])), exact) < 1e-4
     # Mini-batch curvature: unbiased but noisy.
     lissa = ik.LiSSAInfluence(task, damping=damping, depth=150, repeats=4,
                               hessian_batch_size=20).fit((x, y))
     got = lissa.scores((x[:4], y[:4]))
-    assert _rel(got, exact) < 0.15
+    assert rel_error(got, exact) < 0.15
     assert spearmanr(got.flatten(), exact.flatten()).statistic > 0.9
 
 
@@ -86,17 +83,17 @@ def test_self_influence_is_diagonal_of_pairwise(mlp, name):
     kwargs = {"damping": damping} if name in ("exact", "cg") else {}
     est = ik.METHODS[name](task, **kwargs).fit((x, y))
     diag = torch.diagonal(est.scores((x, y)))
-    assert _rel(est.self_influence(), diag) < 1e-8
+    assert rel_error(est.self_influence(), diag) < 1e-8
 
 
 def test_results_do_not_depend_on_batch_or_chunk_size(mlp):
     task, x, y, damping = mlp
     ref = ik.ExactInfluence(task, damping=damping).fit((x, y)).scores((x[:9], y[:9]))
     other = ik.ExactInfluence(task, damping=damping, batch_size=3, query_chunk=2).fit((x, y))
-    assert _rel(other.scores((x[:9], y[:9])), ref) < 1e-10
+    assert rel_error(other.scores((x[:9], y[:9])), ref) < 1e-10
     cg_a = ik.CGInfluence(task, damping=damping, tol=1e-10, hessian_batch_size=16).fit((x, y))
     cg_b = ik.CGInfluence(task, damping=damping, tol=1e-10, query_chunk=1).fit((x, y))
-    assert _rel(cg_a.scores((x[:2], y[:2])), cg_b.scores((x[:2], y[:2]))) < 1e-8
+    assert rel_error(cg_a.scores((x[:2], y[:2])), cg_b.scores((x[:2], y[:2]))) < 1e-8
 
 
 def test_data_formats_agree(mlp):
@@ -104,19 +101,19 @@ def test_data_formats_agree(mlp):
     est = ik.ExactInfluence(task, damping=damping).fit((x, y))
     ref = est.scores((x[:4], y[:4]))
     ds = TensorDataset(x, y)
-    assert _rel(est.scores(TensorDataset(x[:4], y[:4]), ds), ref) < 1e-12
+    assert rel_error(est.scores(TensorDataset(x[:4], y[:4]), ds), ref) < 1e-12
     loader = DataLoader(ds, batch_size=11, shuffle=False)
-    assert _rel(est.scores((x[:4], y[:4]), loader), ref) < 1e-12
+    assert rel_error(est.scores((x[:4], y[:4]), loader), ref) < 1e-12
     refit = ik.ExactInfluence(task, damping=damping).fit(loader)
-    assert _rel(refit.scores((x[:4], y[:4])), ref) < 1e-10
+    assert rel_error(refit.scores((x[:4], y[:4])), ref) < 1e-10
 
 
 def test_graddot_and_gradcos_are_gradient_products(mlp):
     task, x, y, _ = mlp
     g = all_grads(task, (x, y))
-    assert _rel(ik.GradDot(task).scores((x[:3], y[:3]), (x, y)), g[:3] @ g.T) < 1e-12
+    assert rel_error(ik.GradDot(task).scores((x[:3], y[:3]), (x, y)), g[:3] @ g.T) < 1e-12
     gn = g / g.norm(dim=1, keepdim=True)
-    assert _rel(ik.GradCos(task).scores((x[:3], y[:3]), (x, y)), gn[:3] @ gn.T) < 1e-12
+    assert rel_error(ik.GradCos(task).scores((x[:3], y[:3]), (x, y)), gn[:3] @ gn.T) < 1e-12
     assert torch.allclose(ik.GradCos(task).self_influence((x, y)),
                           torch.ones(len(y), dtype=torch.float64))
 
@@ -126,9 +123,9 @@ def test_ggn_is_psd_and_differs_from_hessian_on_mlp(mlp):
     ggn = dense_curvature(task, (x, y), "ggn")
     hess = dense_curvature(task, (x, y), "hessian")
     assert torch.linalg.eigvalsh(ggn)[0] > -1e-10
-    assert _rel(ggn, hess) > 1e-3  # the MLP is non-linear in its parameters
+    assert rel_error(ggn, hess) > 1e-3  # the MLP is non-linear in its parameters
     v = torch.randn(2, task.num_params, dtype=torch.float64)
-    assert _rel(curvature_vp(task, (x, y), v, "ggn") / len(y), v @ ggn) < 1e-10
+    assert rel_error(curvature_vp(task, (x, y), v, "ggn") / len(y), v @ ggn) < 1e-10
 
 
 def test_params_restrict_to_a_subset(mlp):
@@ -164,7 +161,7 @@ def test_loop_fallback_matches_vmap(mlp):
     assert torch.allclose(g, per_example_grads(task, (x[:5], y[:5])), atol=1e-12)
     v = torch.randn(2, task.num_params, dtype=torch.float64)
     hv = curvature_vp(branchy, (x, y), v)  # only tangents are batched here: vmap copes
-    assert _rel(hv, curvature_vp(task, (x, y), v)) < 1e-10
+    assert rel_error(hv, curvature_vp(task, (x, y), v)) < 1e-10
 
 
 def test_margin_measurement_sign(mlp):
@@ -177,7 +174,7 @@ def test_margin_measurement_sign(mlp):
     gl = per_example_grads(task, (x, y))
     h = dense_curvature(task, (x, y)) + damping * torch.eye(task.num_params,
                                                              dtype=torch.float64)
-    assert _rel(s, g @ torch.linalg.solve(h, gl.T)) < 1e-9
+    assert rel_error(s, g @ torch.linalg.solve(h, gl.T)) < 1e-9
     logits = task.model(x[:3]).detach()
     correct = logits.gather(1, y[:3, None]).squeeze(1)
     others = logits.scatter(1, y[:3, None], float("-inf")).logsumexp(1)

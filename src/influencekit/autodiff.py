@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
-from tqdm.auto import tqdm
 
 from .batching import (
     Batch,
@@ -31,6 +30,7 @@ from .batching import (
     tree_map,
 )
 from .errors import InputError, check_finite
+from .progress import progress_bar
 from .task import Task
 
 CURVATURES = ("hessian", "ggn")
@@ -101,8 +101,8 @@ def iter_grads(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Stream ``(offset, [B, P] gradients)`` over ``data`` in order."""
     offset = 0
-    bar = tqdm(total=num_examples(data), desc=desc or f"{kind} gradients", unit="ex",
-               disable=_disabled(progress), leave=False)
+    bar = progress_bar(total=num_examples(data), desc=desc or f"{kind} gradients", unit="ex",
+               progress=progress, leave=False)
     with bar:
         for batch in iter_batches(data, batch_size):
             batch = to_device(batch, task.device)
@@ -116,10 +116,6 @@ def all_grads(task: Task, data: Data, batch_size: int = 64, kind: str = "loss",
               progress: bool | None = None) -> torch.Tensor:
     """Every example's gradient as one ``[N, P]`` matrix (small problems only)."""
     return torch.cat([g for _, g in iter_grads(task, data, batch_size, kind, progress=progress)])
-
-
-def _disabled(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress
 
 
 # --------------------------------------------------------------------------- curvature products

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..autodiff import _check_curvature, mean_curvature_vp
 from ..batching import Data, num_examples, take, to_device
 from ..errors import InputError, check_finite
+from ..progress import progress_bar
 from ..task import Task
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
@@ -103,8 +103,8 @@ def arnoldi(
     scale = 0.0
     applied = 0
     stopped = False
-    bar = tqdm(total=iterations, desc="Arnoldi", unit="hvp", leave=False,
-               disable=None if progress is None else not progress)
+    bar = progress_bar(total=iterations, desc="Arnoldi", unit="hvp", leave=False,
+               progress=progress)
     with bar:
         while applied < iterations:
             stop = min(applied + block, m, iterations)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from ..autodiff import mean_curvature_vp
 from ..batching import Data
+from ..progress import progress_bar
 from ..task import Task
 
 
@@ -21,8 +21,8 @@ def dense_curvature(task: Task, data: Data, curvature: str = "hessian", *,
     p = task.num_params
     h = torch.empty(p, p, dtype=torch.float64)
     eye = torch.eye(p, dtype=task.dtype, device=task.device)
-    for start in tqdm(range(0, p, block), desc=f"dense {curvature}", leave=False,
-                      disable=None if progress is None else not progress):
+    for start in progress_bar(range(0, p, block), desc=f"dense {curvature}", leave=False,
+                      progress=progress):
         cols = eye[start:start + block]
         h[start:start + block] = mean_curvature_vp(
             task, data, cols, curvature, batch_size=batch_size).cpu()

@@ -46,7 +46,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..autodiff import _check_curvature, iter_grads, per_example_grads, value_jvps
 from ..batching import (
@@ -61,6 +60,7 @@ from ..batching import (
 )
 from ..curvature.arnoldi import HESSIAN_SETS, WHICH, Eigenpairs, curvature_eigenpairs
 from ..errors import CurvatureError, InputError
+from ..progress import progress_bar
 from ..store import (
     ArtifactStore,
     data_fingerprint,
@@ -334,8 +334,8 @@ class ArnoldiInfluence(Estimator):
         (so an interrupted run resumes where it stopped)."""
         n = num_examples(data)
         chunks: list[dict[str, torch.Tensor]] = []
-        bar = tqdm(total=n, desc="train projections", unit="ex", leave=False,
-                   disable=None if self.progress is None else not self.progress)
+        bar = progress_bar(total=n, desc="train projections", unit="ex", leave=False,
+                   progress=self.progress)
         with bar:
             for i, start in enumerate(range(0, n, self.chunk_size)):
                 stop = min(start + self.chunk_size, n)
@@ -371,12 +371,12 @@ class ArnoldiInfluence(Estimator):
             tuple[torch.Tensor, torch.Tensor | None]]:
         """``(filtered query projections [k, rank] float64, query grads [k, P] or None)``."""
         f, _ = self.spectral_filter()
-        chunk = self.query_chunk or max(1, 256 * 2**20 // (8 * self.task.num_params))
+        chunk = self._query_chunk_size(8 * self.task.num_params)
         method = "grad" if need_grads else (self.projection_method or "grad")
         pending_p: list[torch.Tensor] = []
         pending_g: list[torch.Tensor] = []
-        bar = tqdm(total=num_examples(queries), desc="query projections", unit="ex",
-                   leave=False, disable=None if self.progress is None else not self.progress)
+        bar = progress_bar(total=num_examples(queries), desc="query projections", unit="ex",
+                   leave=False, progress=self.progress)
         for batch in iter_batches(queries, self.batch_size):
             batch = to_device(batch, self.task.device)
             bar.update(batch_size_of(batch))
@@ -397,7 +397,7 @@ class ArnoldiInfluence(Estimator):
         """``(query projections [k, rank], complement sketches [k, sketch])`` in chunks of
         ``query_chunk`` queries (default: 256 MiB of sketches), so stored training chunks are
         read once per query chunk."""
-        chunk = self.query_chunk or max(1, 256 * 2**20 // (8 * (self.sketch + len(self.eigen))))
+        chunk = self._query_chunk_size(8 * (self.sketch + len(self.eigen)))
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         size = 0
         for batch in iter_batches(queries, self.batch_size):

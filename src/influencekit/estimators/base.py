@@ -140,7 +140,7 @@ class Estimator:
 
     def _query_chunks(self, queries: Data) -> Any:
         """Yield preconditioned query vectors ``[k, P]`` (float64), a chunk at a time."""
-        chunk = self.query_chunk or max(1, _QUERY_CHUNK_BYTES // (8 * self.task.num_params))
+        chunk = self._query_chunk_size(8 * self.task.num_params)
         pending: list[torch.Tensor] = []
         size = 0
         for _, g in iter_grads(self.task, queries, self.batch_size, "measurement",
@@ -153,6 +153,10 @@ class Estimator:
                 pending, size = [block[chunk:]], block.shape[0] - chunk
         if size:
             yield self._prepare_queries(torch.cat(pending))
+
+    def _query_chunk_size(self, bytes_per_query: int) -> int:
+        """``query_chunk``, or as many queries as fit in 256 MiB."""
+        return self.query_chunk or max(1, _QUERY_CHUNK_BYTES // bytes_per_query)
 
     def _prepare_queries(self, g: torch.Tensor) -> torch.Tensor:
         return self.precondition(self.query_features(g)).to(torch.float64)

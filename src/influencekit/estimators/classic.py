@@ -6,12 +6,12 @@ import math
 import warnings
 
 import torch
-from tqdm.auto import tqdm
 
 from ..autodiff import _check_curvature, curvature_vp, mean_curvature_vp
 from ..batching import Data, take, to_device
 from ..curvature import dense_curvature
 from ..errors import CurvatureError, InputError, NumericalError
+from ..progress import progress_bar
 from ..task import Task
 from .base import Estimator
 
@@ -92,8 +92,8 @@ class CGInfluence(Estimator):
         rs = (r * r).sum(1)
         target = self.tol * b.norm(dim=1)
         active = rs.sqrt() > target
-        bar = tqdm(range(self.max_iter), desc="CG", leave=False,
-                   disable=None if self.progress is None else not self.progress)
+        bar = progress_bar(range(self.max_iter), desc="CG", leave=False,
+                   progress=self.progress)
         self.iterations_used = 0
         for _ in bar:
             if not active.any():
@@ -174,8 +174,8 @@ class LiSSAInfluence(Estimator):
         gen = torch.Generator().manual_seed(self.seed)
         b_norm = b.norm(dim=1).clamp_min(1e-300)
         total = torch.zeros_like(b)
-        bar = tqdm(total=self.repeats * self.depth, desc="LiSSA", leave=False,
-                   disable=None if self.progress is None else not self.progress)
+        bar = progress_bar(total=self.repeats * self.depth, desc="LiSSA", leave=False,
+                   progress=self.progress)
         for _ in range(self.repeats):
             h = b.clone()
             prev = h

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..batching import Batch, batch_size_of, iter_batches, slice_batch, to_device, tree_map
 from ..errors import InputError
+from ..progress import progress_bar
 from ..task import Task
 from .retrain import measure
 
@@ -124,8 +124,8 @@ def pbrf(task: Task, train: Batch, removed: Sequence[int], queries: Batch, *, da
     d_theta, d_measure, gnorms = [], [], []
     removed_t = torch.as_tensor(list(removed), dtype=torch.long)
     with t.evaluating():
-        for i in tqdm(removed_t.tolist(), desc="PBRF", leave=False,
-                      disable=None if progress is None else not progress):
+        for i in progress_bar(removed_t.tolist(), desc="PBRF", leave=False,
+                      progress=progress):
             x_batch = to_device(slice_batch(train, slice(i, i + 1)), device)
             u, gnorm = _minimise(lambda v, xb=x_batch: objective(v, xb), theta0, max_iter)
             gnorms.append(gnorm)

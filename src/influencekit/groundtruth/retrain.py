@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..batching import Batch, batch_size_of, iter_batches, slice_batch, to_device
 from ..errors import InputError
+from ..progress import progress_bar
 from ..task import ClassificationTask, Task
 from .cache import Cache, fingerprint
 from .trainer import ModelSpec, TrainConfig, init_model, train
@@ -129,8 +129,8 @@ def leave_one_out(rt: Retrainer, removed: Sequence[int], queries: Batch, *,
     mode = "scratch" if warm_start is None else "warm"
     base = rt.measured(queries, **kw)
     values = [rt.measured(queries, remove=[i], **kw)
-              for i in tqdm(removed, desc=f"leave-one-out ({mode})", leave=False,
-                            disable=None if rt.progress is None else not rt.progress)]
+              for i in progress_bar(removed, desc=f"leave-one-out ({mode})", leave=False,
+                            progress=rt.progress)]
     return LOOResult(torch.tensor(removed), base, torch.stack(values), mode)
 
 
@@ -160,8 +160,8 @@ def lds_retrain(rt: Retrainer, queries: Batch, *, n_subsets: int = 50, alpha: fl
     reference initialisation, order seed and epochs) and measure the queries."""
     subsets = random_subsets(rt.n, n_subsets, alpha, seed)
     values = [rt.measured(queries, subset=mask.nonzero().squeeze(1), config=config)
-              for mask in tqdm(subsets, desc="LDS retraining", leave=False,
-                               disable=None if rt.progress is None else not rt.progress)]
+              for mask in progress_bar(subsets, desc="LDS retraining", leave=False,
+                               progress=rt.progress)]
     return LDSResult(subsets, torch.stack(values))
 
 

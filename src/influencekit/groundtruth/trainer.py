@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..batching import Batch, batch_size_of, slice_batch, to_device
 from ..errors import ArtifactError, InputError, NumericalError
+from ..progress import progress_bar
 from ..task import cross_entropy, default_forward
 from .cache import atomic_save, fingerprint, load
 
@@ -195,8 +195,8 @@ def train(
     if ckpt is not None:
         key = fingerprint(asdict(config), w, data, list(net.state_dict().values()))
         start_epoch, step = _resume(ckpt, key, net, opt, result)
-    bar = tqdm(total=config.epochs, initial=start_epoch, desc="train", unit="epoch",
-               leave=False, disable=None if progress is None else not progress)
+    bar = progress_bar(total=config.epochs, initial=start_epoch, desc="train", unit="epoch",
+               leave=False, progress=progress)
     with deterministic(), torch.random.fork_rng(devices=[]), bar:
         torch.manual_seed(config.seed + 7919)  # dropout and other in-model randomness
         net.train()
