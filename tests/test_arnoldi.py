@@ -18,11 +18,20 @@ from torch import nn
 
 import influencekit as ik
 from conftest import rel_error
-from influencekit.curvature import arnoldi, curvature_eigenpairs, dense_curvature, distill
-from influencekit.curvature.arnoldi import DataCurvature, top_eigenpairs
+from influencekit.curvature import (
+    CurvatureOperator,
+    Eigensolver,
+    arnoldi,
+    curvature_eigenpairs,
+    dense_curvature,
+    distill,
+    horizon_filter,
+    top_eigenpairs,
+)
 from influencekit.estimators import METHODS
-from influencekit.estimators.arnoldi import _horizon_filter
 from influencekit.store import Artifact
+
+FULL = Eigensolver(sampling="full")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -132,8 +141,8 @@ def test_eigenpairs_match_dense_curvature(tiny, curvature):
     h = dense_curvature(task, (x, y), curvature)
     lam, vec = torch.linalg.eigh(h)
     order = lam.abs().argsort(descending=True)[:8]
-    pairs = curvature_eigenpairs(task, (x, y), 8, 40, curvature=curvature, hessian_set="full",
-                                 micro_batch_size=16)
+    pairs = curvature_eigenpairs(task, (x, y), 8, 40, curvature=curvature,
+                                 solver=Eigensolver(sampling="full", micro_batch_size=16))
     scale = float(lam.abs().max())
     assert torch.allclose(pairs.values, lam[order], atol=1e-8 * scale, rtol=0)
     cos = (pairs.vectors.double() * vec[:, order].T).sum(1).abs()
@@ -144,15 +153,14 @@ def test_stream_covers_the_set_and_approximates_full(tiny):
     task, x, y = tiny
     lam = torch.linalg.eigh(dense_curvature(task, (x, y))).eigenvalues
     top = float(lam.abs().max())
-    op = DataCurvature(task, (x, y), hessian_set="stream", batch_size=16, seed=0)
+    op = CurvatureOperator(task, (x, y), sampling="stream", batch=16, seed=0)
     kr = arnoldi(op, task.num_params, 30)
     assert op.examples_seen == 30 * 16 >= len(y)
     est = distill(kr, 1).values[0]
     assert abs(float(est) - top) < 0.5 * top  # a noisy but faithful estimate
     # a stream batch as large as the set is the full curvature
-    full = curvature_eigenpairs(task, (x, y), 3, 20, hessian_set="full")
-    stream = curvature_eigenpairs(task, (x, y), 3, 20, hessian_set="stream",
-                                  hessian_batch_size=len(y))
+    full = curvature_eigenpairs(task, (x, y), 3, 20, solver=FULL)
+    stream = curvature_eigenpairs(task, (x, y), 3, 20, solver=Eigensolver(batch=len(y)))
     assert torch.allclose(full.values, stream.values, rtol=1e-8)
 
 
@@ -163,7 +171,8 @@ def test_full_rank_equals_exact(tiny, curvature, variant):
     p = task.num_params
     exact = ik.ExactInfluence(task, damping=0.01, curvature=curvature).fit((x, y))
     est = ik.ArnoldiInfluence(task, rank=p, iterations=p, damping=0.01, curvature=curvature,
-                              variant=variant, which="magnitude", hessian_set="full")
+                              filter=variant, solver=Eigensolver(which="magnitude",
+                                                                 sampling="full"))
     est.fit((x, y))
     q = (x[:6], y[:6])
     assert rel_error(est.scores(q), exact.scores(q)) < 1e-8
@@ -182,34 +191,34 @@ def test_low_rank_complement_matches_dense_formula(tiny):
     gq = ik.autodiff.all_grads(task, (x[:5], y[:5]), kind="measurement")
     gx = ik.autodiff.all_grads(task, (x, y))
     est = METHODS["arnoldi-complement"](task, rank=10, iterations=59, damping=0.01,
-                                        hessian_set="full").fit((x, y))
+                                        solver=FULL).fit((x, y))
     assert rel_error(est.scores((x[:5], y[:5])), gq @ pre @ gx.T) < 1e-7
 
 
 def test_horizon_filter_limits_and_one_step_is_graddot(tiny):
     lam = torch.tensor([2.0, 1e-3, 0.0, 1e-15], dtype=torch.float64)
-    f = _horizon_filter(lam, 0.1, 10)
+    f = horizon_filter(lam, 0.1, 10)
     ref = (1 - (1 - 0.1 * lam[:2]) ** 10) / lam[:2]
     assert torch.allclose(f[:2], ref, rtol=1e-10)
     assert torch.allclose(f[2:], torch.full((2,), 1.0, dtype=torch.float64))
-    assert torch.allclose(_horizon_filter(torch.tensor([3.0], dtype=torch.float64), 0.1, 10**6),
+    assert torch.allclose(horizon_filter(torch.tensor([3.0], dtype=torch.float64), 0.1, 10**6),
                           torch.tensor([1 / 3.0], dtype=torch.float64))
     # one step of lr η: (1 − (1 − ηλ))/λ = η on every direction, so scores are η · GradDot
     task, x, y = tiny
-    est = ik.ArnoldiInfluence(task, rank=5, iterations=20, horizon=(0.3, 1), complement=True,
-                              hessian_set="full").fit((x, y))
+    est = ik.ArnoldiInfluence(task, rank=5, iterations=20, filter=ik.HorizonFilter(0.3, 1),
+                              solver=FULL).fit((x, y))
     dot = ik.GradDot(task).scores((x[:4], y[:4]), (x, y))
     assert rel_error(est.scores((x[:4], y[:4])), 0.3 * dot) < 1e-10
 
 
 def test_default_horizon_is_inverse_top_eigenvalue(tiny):
     task, x, y = tiny
-    kw = dict(rank=5, iterations=20, hessian_set="full")
-    a = ik.ArnoldiInfluence(task, horizon=7, **kw).fit((x, y))
+    kw = dict(rank=5, iterations=20, solver=FULL)
+    a = ik.ArnoldiInfluence(task, filter=ik.HorizonFilter(steps=7), **kw).fit((x, y))
     lr = 1.0 / float(a.eigen.values.abs().max())
-    b = ik.ArnoldiInfluence(task, horizon=(lr, 7), **kw).fit((x, y))
+    b = ik.ArnoldiInfluence(task, filter=ik.HorizonFilter(lr, 7), **kw).fit((x, y))
     c = ik.ArnoldiInfluence(task, **kw).fit((x, y))  # default: (1/λ_max, 100)
-    d = ik.ArnoldiInfluence(task, horizon=(None, 100), **kw).fit((x, y))
+    d = ik.ArnoldiInfluence(task, filter=ik.HorizonFilter(None, 100), **kw).fit((x, y))
     assert torch.equal(a.spectral_filter()[0], b.spectral_filter()[0])
     assert torch.equal(c.spectral_filter()[0], d.spectral_filter()[0])
     assert (c.eigen.values > 0).all()  # the horizon variant keeps positive eigenvalues
@@ -218,8 +227,8 @@ def test_default_horizon_is_inverse_top_eigenvalue(tiny):
 @pytest.mark.parametrize("variant", ["topk", "complement", "horizon"])
 def test_self_influence_is_diagonal_of_scores(tiny, variant):
     task, x, y = tiny
-    est = ik.ArnoldiInfluence(task, rank=6, iterations=30, damping=0.05, variant=variant,
-                              hessian_batch_size=16).fit((x, y))
+    est = ik.ArnoldiInfluence(task, rank=6, iterations=30, damping=0.05, filter=variant,
+                              solver=Eigensolver(batch=16)).fit((x, y))
     assert rel_error(est.self_influence(), torch.diag(est.scores((x, y)))) < 1e-10
 
 
@@ -228,8 +237,9 @@ def test_independent_of_batch_chunk_and_query_sizes(tiny):
     ref = None
     for bs, chunk, qc, micro in [(64, 4096, None, 256), (7, 11, 4, 5)]:
         est = ik.ArnoldiInfluence(task, rank=6, iterations=30, damping=0.05, batch_size=bs,
-                                  chunk_size=chunk, query_chunk=qc, micro_batch_size=micro,
-                                  hessian_set="fixed", hessian_batch_size=40, variant="topk")
+                                  chunk_size=chunk, query_chunk=qc, filter="topk",
+                                  solver=Eigensolver(sampling="fixed", batch=40,
+                                                     micro_batch_size=micro))
         s = est.fit((x, y)).scores((x[:9], y[:9]))
         ref = s if ref is None else ref
         assert rel_error(s, ref) < 1e-12
@@ -237,7 +247,7 @@ def test_independent_of_batch_chunk_and_query_sizes(tiny):
 
 def test_jvp_and_gradient_projections_agree(tiny):
     task, x, y = tiny
-    kw = dict(rank=6, iterations=30, hessian_set="full", variant="topk")
+    kw = dict(rank=6, iterations=30, solver=FULL, filter="topk")
     a = ik.ArnoldiInfluence(task, projection="jvp", **kw).fit((x, y))
     b = ik.ArnoldiInfluence(task, projection="grad", **kw).fit((x, y))
     assert rel_error(a.train_projections(), b.train_projections()) < 1e-12
@@ -248,7 +258,7 @@ def test_jvp_and_gradient_projections_agree(tiny):
 
 def test_other_train_set_and_top_k(tiny):
     task, x, y = tiny
-    est = ik.ArnoldiInfluence(task, rank=6, iterations=30, hessian_set="full").fit((x, y))
+    est = ik.ArnoldiInfluence(task, rank=6, iterations=30, solver=FULL).fit((x, y))
     sub = (x[10:30], y[10:30])
     full = est.scores((x[:4], y[:4]))
     assert rel_error(est.scores((x[:4], y[:4]), sub), full[:, 10:30]) < 1e-12
@@ -260,7 +270,7 @@ def test_other_train_set_and_top_k(tiny):
 def test_killed_and_resumed_projection_gives_identical_scores(tiny, tmp_path, monkeypatch):
     task, x, y = tiny
     kw = dict(rank=6, iterations=30, damping=0.05, chunk_size=5, batch_size=4,
-              hessian_set="fixed", hessian_batch_size=32, store=tmp_path, projection="grad")
+              solver=Eigensolver(sampling="fixed", batch=32), store=tmp_path, projection="grad")
     reference = ik.ArnoldiInfluence(task, **{**kw, "store": None}).fit((x, y))
     expected = reference.scores((x[:5], y[:5]))
 
@@ -297,7 +307,7 @@ def test_killed_and_resumed_projection_gives_identical_scores(tiny, tmp_path, mo
 def test_stale_artifact_is_refused(tiny, tmp_path):
     model, x, y = copy.deepcopy(tiny[0].model), tiny[1], tiny[2]
     task = ik.ClassificationTask(model)
-    kw = dict(rank=4, iterations=20, hessian_set="full", store=tmp_path)
+    kw = dict(rank=4, iterations=20, solver=FULL, store=tmp_path)
     ik.ArnoldiInfluence(task, **kw).fit((x, y))
     with torch.no_grad():
         task.model[0].bias.add_(0.01)
@@ -308,7 +318,7 @@ def test_stale_artifact_is_refused(tiny, tmp_path):
     est = ik.ArnoldiInfluence(task, overwrite=True, **kw).fit((x, y))
     with pytest.raises(ik.ArtifactError, match="stale.*settings"):  # chunks would not line up
         ik.ArnoldiInfluence(task, **{**kw, "chunk_size": 7}).fit((x, y))
-    fresh = ik.ArnoldiInfluence(task, rank=4, iterations=20, hessian_set="full").fit((x, y))
+    fresh = ik.ArnoldiInfluence(task, rank=4, iterations=20, solver=FULL).fit((x, y))
     assert rel_error(est.scores((x[:3], y[:3])), fresh.scores((x[:3], y[:3]))) < 1e-12
     with pytest.raises(ik.ArtifactError, match="stale.*data"):
         ik.ArnoldiInfluence(task, **kw).fit((x[:-1], y[:-1]))
@@ -316,18 +326,16 @@ def test_stale_artifact_is_refused(tiny, tmp_path):
 
 def test_corrupted_projection_chunk_is_refused(tiny, tmp_path):
     task, x, y = tiny
-    kw = dict(rank=4, iterations=20, hessian_set="full", store=tmp_path, chunk_size=10)
-    ik.ArnoldiInfluence(task, **kw).fit((x, y))
-    f = tmp_path / "arnoldi-projections" / "chunk-000002.safetensors"
-    blob = bytearray(f.read_bytes())
-    blob[-3] ^= 0xFF
-    f.write_bytes(bytes(blob))
-    est = ik.ArnoldiInfluence(task, **kw).fit((x, y))
-    with pytest.raises(ik.ArtifactError, match="corrupted"):
-        est.self_influence()
-    est.variant, est.complement = "topk", False  # scores from projections alone
-    with pytest.raises(ik.ArtifactError, match="corrupted"):
-        est.scores((x[:2], y[:2]))
+    for filt in ("horizon", "topk"):  # with and without the streamed complement
+        store = tmp_path / filt
+        kw = dict(rank=4, iterations=20, solver=FULL, store=store, chunk_size=10, filter=filt)
+        ik.ArnoldiInfluence(task, **kw).fit((x, y))
+        f = store / "arnoldi-features" / "chunk-000002.safetensors"
+        blob = bytearray(f.read_bytes())
+        blob[-3] ^= 0xFF
+        f.write_bytes(bytes(blob))
+        with pytest.raises(ik.ArtifactError, match="corrupted"):  # refused when opened
+            ik.ArnoldiInfluence(task, **kw).fit((x, y))
 
 
 # ----------------------------------------------------------------------------- errors, registry
@@ -335,22 +343,28 @@ def test_clear_errors(tiny):
     task, x, y = tiny
     with pytest.raises(ik.InputError, match="iterations"):
         ik.ArnoldiInfluence(task, rank=50, iterations=10)
-    with pytest.raises(ik.InputError, match="variant"):
-        ik.ArnoldiInfluence(task, variant="nope")
+    with pytest.raises(ik.InputError, match="filter"):
+        ik.ArnoldiInfluence(task, filter="nope")
+    with pytest.raises(ik.InputError, match="block"):
+        Eigensolver(block=0)
+    with pytest.raises(ik.InputError, match="unknown option.*variant"):
+        ik.ArnoldiInfluence(task, variant="topk")
     with pytest.raises(ik.InputError, match="fitted"):
         ik.ArnoldiInfluence(task, rank=2, iterations=4).scores((x[:2], y[:2]))
-    with pytest.raises(ik.InputError, match="horizon"):
-        ik.ArnoldiInfluence(task, variant="topk", horizon=(0.1, 10))
+    with pytest.raises(ik.InputError, match="horizon steps"):
+        ik.HorizonFilter(0.1, 0)
 
 
 def test_registered_with_defaults(tiny):
     task, x, y = tiny
-    for name, variant in [("arnoldi", "horizon"), ("arnoldi-topk", "topk"),
-                          ("arnoldi-complement", "complement")]:
+    for name, kind, complement in [("arnoldi", ik.HorizonFilter, True),
+                                   ("arnoldi-topk", ik.InverseFilter, 0.0),
+                                   ("arnoldi-complement", ik.InverseFilter, "auto")]:
         est = METHODS[name](task, damping=0.01)
-        assert isinstance(est, ik.ArnoldiInfluence) and est.variant == variant
+        assert isinstance(est, ik.ArnoldiInfluence) and isinstance(est.filter, kind)
+        assert est.filter.complement == complement
         assert est.rank == 50 and est.iterations == 200
-    est = METHODS["arnoldi-topk"](task, rank=3, iterations=10, hessian_set="full")
+    est = METHODS["arnoldi-topk"](task, rank=3, iterations=10, solver=FULL)
     assert est.fit((x, y)).scores((x[:2], y[:2])).shape == (2, len(y))
 
 
@@ -360,7 +374,7 @@ def test_sketched_complement_converges_to_exact_and_stays_consistent(tiny, tmp_p
     smaller sketches approximate it; self-influence stays the diagonal of the scores; a stored
     sketch is reused bit for bit."""
     task, x, y = tiny
-    kw = dict(rank=6, iterations=30, damping=0.05, hessian_batch_size=16)
+    kw = dict(rank=6, iterations=30, damping=0.05, solver=Eigensolver(batch=16))
     exact = ik.ArnoldiInfluence(task, **kw).fit((x, y)).scores((x[:7], y[:7]))
     wide = ik.ArnoldiInfluence(task, sketch=1 << 16, **kw).fit((x, y))  # P = 59: no collision
     assert rel_error(wide.scores((x[:7], y[:7])), exact) < 1e-10

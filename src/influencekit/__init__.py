@@ -11,6 +11,7 @@ Sign convention: ``score(q, x) = ∇m(q)ᵀ (H + λI)⁻¹ ∇ℓ(x)``; up-weigh
 
 from . import data as data  # built-in datasets: ik.data.load("digits")
 from . import models as models  # built-in models: ik.models.build("mlp", ...)
+from .curvature import CurvatureOperator, Eigensolver, HorizonFilter, InverseFilter
 from .errors import ArtifactError, CurvatureError, InfluenceError, InputError, NumericalError
 from .estimators import (
     METHODS,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "ArnoldiInfluence", "ArtifactError", "CGInfluence", "ClassificationTask",
-    "CurvatureError", "Estimator", "ExactInfluence", "GradCos", "GradDot", "InfluenceError",
-    "InputError", "LiSSAInfluence", "NumericalError", "Task", "TopK",
+    "CurvatureError", "CurvatureOperator", "Eigensolver", "Estimator", "ExactInfluence",
+    "GradCos", "GradDot", "HorizonFilter", "InfluenceError", "InputError", "InverseFilter",
+    "LiSSAInfluence", "NumericalError", "Task", "TopK",
 ]

@@ -8,7 +8,9 @@ batches, so the full ``N × P`` gradient matrix is never built unless a caller a
 - :func:`curvature_vp`: Hessian- or GGN-vector products of the *summed* batch loss, for a block of
   vectors at once (forward-over-reverse, with a double-backward fallback).
 - :func:`value_jvps`: directional derivatives of per-example losses/measurements, ``[k, B]``.
-- :func:`mean_curvature_vp`: curvature of the *mean* loss over a whole data set.
+
+The curvature of the *mean* loss over a data set is :class:`~influencekit.curvature.
+CurvatureOperator`, built on :func:`curvature_vp`.
 """
 
 from __future__ import annotations
@@ -32,13 +34,9 @@ from .batching import (
 from .errors import InputError, check_finite
 from .progress import progress_bar
 from .task import Task
+from .validate import choice
 
 CURVATURES = ("hessian", "ggn")
-
-
-def _check_curvature(curvature: str) -> None:
-    if curvature not in CURVATURES:
-        raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
 
 
 def _try_vmap(task: Task, key: str, fast: Callable[[], torch.Tensor],
@@ -88,7 +86,7 @@ def per_example_grads(task: Task, batch: Batch, kind: str = "loss") -> torch.Ten
         return torch.stack(rows)
 
     with task.evaluating():
-        g = _try_vmap(task, "per-example gradients", fast, slow)
+        g = _try_vmap(task, f"per-example {kind} gradients", fast, slow)
     return check_finite(
         g.detach(), f"per-example {kind} gradients",
         "Check the inputs for NaN/inf and the model for overflow (e.g. log of 0).",
@@ -98,24 +96,21 @@ def per_example_grads(task: Task, batch: Batch, kind: str = "loss") -> torch.Ten
 def iter_grads(
     task: Task, data: Data, batch_size: int, kind: str = "loss", *,
     desc: str | None = None, progress: bool | None = None,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Stream ``(offset, [B, P] gradients)`` over ``data`` in order."""
-    offset = 0
+) -> Iterator[torch.Tensor]:
+    """Stream ``[B, P]`` per-example gradients over ``data`` in order."""
     bar = progress_bar(total=num_examples(data), desc=desc or f"{kind} gradients", unit="ex",
-               progress=progress, leave=False)
+                       progress=progress)
     with bar:
         for batch in iter_batches(data, batch_size):
-            batch = to_device(batch, task.device)
-            g = per_example_grads(task, batch, kind)
-            yield offset, g
-            offset += g.shape[0]
+            g = per_example_grads(task, to_device(batch, task.device), kind)
+            yield g
             bar.update(g.shape[0])
 
 
 def all_grads(task: Task, data: Data, batch_size: int = 64, kind: str = "loss",
               progress: bool | None = None) -> torch.Tensor:
     """Every example's gradient as one ``[N, P]`` matrix (small problems only)."""
-    return torch.cat([g for _, g in iter_grads(task, data, batch_size, kind, progress=progress)])
+    return torch.cat(list(iter_grads(task, data, batch_size, kind, progress=progress)))
 
 
 # --------------------------------------------------------------------------- curvature products
@@ -123,7 +118,7 @@ def curvature_vp(task: Task, batch: Batch, vectors: torch.Tensor,
                  curvature: str = "hessian") -> torch.Tensor:
     """``C v`` for each row ``v`` of ``vectors [k, P]``, where ``C`` is the Hessian or GGN of the
     *summed* loss over ``batch``. Returns ``[k, P]``."""
-    _check_curvature(curvature)
+    choice("curvature", curvature, CURVATURES)
     if vectors.dim() == 1:
         return curvature_vp(task, batch, vectors[None], curvature)[0]
     task.check_batch(batch)
@@ -178,20 +173,6 @@ def curvature_vp(task: Task, batch: Batch, vectors: torch.Tensor,
                         "The loss is not twice differentiable here or overflowed.")
 
 
-def mean_curvature_vp(
-    task: Task, data: Data, vectors: torch.Tensor, curvature: str = "hessian", *,
-    batch_size: int = 256, dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
-    """Curvature of the *mean* loss over ``data`` applied to ``vectors [k, P]`` (in ``dtype``)."""
-    total = torch.zeros(vectors.shape, dtype=dtype, device=vectors.device)
-    n = 0
-    for batch in iter_batches(data, batch_size):
-        batch = to_device(batch, task.device)
-        total += curvature_vp(task, batch, vectors, curvature).to(dtype)
-        n += batch_size_of(batch)
-    return total / n
-
-
 # --------------------------------------------------------------------------- JVPs
 def value_jvps(task: Task, batch: Batch, vectors: torch.Tensor,
                kind: str = "loss") -> torch.Tensor:
@@ -201,9 +182,15 @@ def value_jvps(task: Task, batch: Batch, vectors: torch.Tensor,
     theta = task.theta()
     layout = task.layout
 
+    vectors = vectors.to(task.dtype)
+
     def one(v: torch.Tensor) -> torch.Tensor:
         return jvp(lambda th: task.values(th, batch, kind), (theta,),
                    (layout.unflatten(v),))[1]
 
     with task.evaluating():
-        return vmap(one)(vectors.to(task.dtype)).detach()
+        out = _try_vmap(task, f"{kind} JVPs", lambda: vmap(one)(vectors),
+                        lambda: torch.stack([one(v) for v in vectors]))
+    return check_finite(
+        out.detach(), f"directional derivatives of the per-example {kind}",
+        "Check the inputs for NaN/inf and the model for overflow (e.g. log of 0).")

@@ -12,8 +12,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+import torch.utils._pytree as pytree
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
+from . import validate
 from .errors import InputError
 
 Batch = tuple[Any, ...]
@@ -21,25 +30,13 @@ Data = Batch | Dataset | DataLoader
 
 
 def tree_map(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
-    """Apply ``fn`` to every tensor leaf of nested tuples / lists / dicts."""
-    if isinstance(tree, torch.Tensor):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return {k: tree_map(fn, v) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(tree_map(fn, v) for v in tree)
-    return tree
+    """Apply ``fn`` to every tensor leaf of nested tuples / lists / dicts (other leaves kept)."""
+    return pytree.tree_map_only(torch.Tensor, fn, tree)
 
 
 def tree_leaves(tree: Any) -> list[torch.Tensor]:
-    """All tensor leaves of ``tree`` in a fixed order."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [x for k in tree for x in tree_leaves(tree[k])]
-    if isinstance(tree, (tuple, list)):
-        return [x for v in tree for x in tree_leaves(v)]
-    return []
+    """All tensor leaves of ``tree`` in a fixed order (dicts in insertion order)."""
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
 
 def batch_size_of(batch: Batch) -> int:
@@ -75,9 +72,40 @@ def _as_tuple(batch: Any) -> Batch:
     return (batch,)
 
 
+def check_in_order(loader: DataLoader) -> None:
+    """Refuse a DataLoader that does not yield every example once, in the dataset's order.
+
+    Score column ``j`` must be training example ``j``: a random sampler (``shuffle=True``,
+    ``SubsetRandomSampler``, ``WeightedRandomSampler``, ``BatchSampler(RandomSampler(...))``, any
+    custom sampler or batch sampler) would permute the columns, and ``drop_last=True`` would drop
+    the examples of the last, incomplete batch. An ``IterableDataset`` keeps its own order.
+    """
+    fix = ("build the DataLoader with shuffle=False and no sampler (or "
+           "sampler=SequentialSampler(dataset)); to use part of a dataset, wrap it in "
+           "torch.utils.data.Subset")
+    batcher = loader.batch_sampler
+    if loader.drop_last or getattr(batcher, "drop_last", False):
+        raise InputError(
+            "the DataLoader has drop_last=True, so the examples of the last, incomplete batch "
+            "would be missing from the scores; build it with drop_last=False.")
+    if isinstance(loader.dataset, IterableDataset):  # no sampler: the dataset's own order
+        return
+    sampler = batcher.sampler if isinstance(batcher, BatchSampler) else loader.sampler
+    if batcher is not None and not isinstance(batcher, BatchSampler):
+        raise InputError(
+            f"the DataLoader's batch_sampler {type(batcher).__name__} may not read the examples "
+            f"in order, so score column j would not be example j; {fix}.")
+    if not isinstance(sampler, SequentialSampler):
+        shuffles = " (shuffle=True)" if isinstance(sampler, RandomSampler) else ""
+        raise InputError(
+            f"the DataLoader's sampler {type(sampler).__name__}{shuffles} does not read the "
+            f"examples in order, so score column j would not be example j; {fix}.")
+
+
 def num_examples(data: Data) -> int:
     """Number of examples in ``data`` (iterates a DataLoader without a sized dataset)."""
     if isinstance(data, DataLoader):
+        check_in_order(data)
         try:
             return len(data.dataset)  # type: ignore[arg-type]
         except TypeError:
@@ -88,15 +116,16 @@ def num_examples(data: Data) -> int:
 
 
 def iter_batches(data: Data, batch_size: int) -> Iterator[Batch]:
-    """Yield batches of ``data`` in order. DataLoaders keep their own batching."""
-    if batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size}.")
+    """Batches of ``data`` in order. DataLoaders keep their own batching. Arguments are checked
+    here, before the first batch is asked for."""
+    batch_size = validate.positive_int("batch_size", batch_size)
     if isinstance(data, DataLoader):
-        if isinstance(data.sampler, RandomSampler):
-            raise InputError(
-                "the DataLoader shuffles (shuffle=True), so score columns would not match "
-                "example indices; pass a DataLoader with shuffle=False."
-            )
+        check_in_order(data)
+    return _batches(data, batch_size)
+
+
+def _batches(data: Data, batch_size: int) -> Iterator[Batch]:
+    if isinstance(data, DataLoader):
         n = 0
         for b in data:
             b = _as_tuple(b)
@@ -107,7 +136,7 @@ def iter_batches(data: Data, batch_size: int) -> Iterator[Batch]:
         return
     if isinstance(data, Dataset):
         loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-        yield from iter_batches(loader, batch_size)
+        yield from _batches(loader, batch_size)
         return
     batch = _as_tuple(data)
     n = batch_size_of(batch)
@@ -117,27 +146,11 @@ def iter_batches(data: Data, batch_size: int) -> Iterator[Batch]:
         yield slice_batch(batch, slice(start, start + batch_size))
 
 
-def materialize(data: Data) -> Batch:
-    """All of ``data`` as one batch (for small data sets: ground truth, tests)."""
-    batches = list(iter_batches(data, 1024))
-    if len(batches) == 1:
-        return batches[0]
-    return _concat(batches)
-
-
-def _concat(batches: list[Batch]) -> Batch:
-    first = batches[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(batches, 0)  # type: ignore[arg-type]
-    if isinstance(first, dict):
-        return {k: _concat([b[k] for b in batches]) for k in first}  # type: ignore[return-value]
-    return type(first)(_concat([b[i] for b in batches]) for i in range(len(first)))
-
-
 def take(data: Data, index: torch.Tensor) -> Batch:
     """Examples ``index`` of ``data`` as one batch (random access; for sampling)."""
     index = torch.as_tensor(index, dtype=torch.long)
     if isinstance(data, DataLoader):
+        check_in_order(data)
         data = data.dataset
     if isinstance(data, Dataset):
         from torch.utils.data import default_collate

@@ -1,7 +1,9 @@
 """The ``influencekit`` command.
 
 Each subcommand lives in its own module and registers itself with ``add_parser(subparsers)``
-and a ``run(args)`` function; this file only wires them together.
+and a ``run(args)`` function; this file only wires them together. Bad arguments (refused while
+parsing) and :class:`~influencekit.errors.InfluenceError` s (found later) end the command with a
+one-line message and exit status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -37,8 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``influencekit ARGV``; returns the exit status: 0 on success, 2 for a bad argument or
+    input (a one-line message on stderr, no traceback), 130 when interrupted."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad argument (2; argparse printed why)
+        return int(e.code or 0)
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
@@ -47,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except InfluenceError as e:
         print(f"influencekit {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"influencekit {args.command}: interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

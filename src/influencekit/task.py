@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .batching import Batch, batch_size_of
+from .batching import Batch, batch_size_of, tree_leaves
 from .errors import InputError, NumericalError
 
 ForwardFn = Callable[[Callable[..., Any], Batch], Any]
@@ -94,6 +94,15 @@ class Task:
     ):
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        for name, fn in (("loss", loss), ("forward", forward), ("measurement", measurement)):
+            if fn is not None and not callable(fn):
+                raise InputError(f"{name} must be a function, got {type(fn).__name__}.")
+        if not eval_mode and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                 and m.track_running_stats for m in model.modules()):
+            raise InputError(
+                "eval_mode=False with batch norm: in training mode each example's loss depends "
+                "on the rest of its batch and every forward overwrites the model's running "
+                "statistics. Keep eval_mode=True (batch norm then uses its running statistics).")
         self.model = model
         self.loss_fn = loss
         self.forward_fn = forward or default_forward
@@ -167,14 +176,16 @@ class Task:
         raise InputError(f"kind must be 'loss' or 'measurement', got {kind!r}.")
 
     def check_batch(self, batch: Batch) -> None:
-        """Validate once: the loss is per-example and finite."""
+        """Validate a batch: its floating-point inputs have the model's dtype (every batch,
+        cheap); once, that the loss and measurement are per-example and finite."""
+        self._check_dtypes(batch)
         if self._checked:
             return
         n = batch_size_of(batch)
         with torch.no_grad(), self.evaluating():
             theta = self.theta()
             for kind in ("loss", "measurement"):
-                v = self.values(theta, batch, kind)
+                v = self._probe(lambda kind=kind: self.values(theta, batch, kind), kind)
                 name = "loss" if kind == "loss" else "measurement"
                 if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.shape[0] != n:
                     shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -191,6 +202,28 @@ class Task:
                     )
         self._checked = True
 
+    def _probe(self, run: Callable[[], Any], what: str) -> Any:
+        """Run a first evaluation on user data; shape errors become an :class:`InputError`."""
+        try:
+            return run()
+        except (RuntimeError, IndexError, ValueError, TypeError) as e:
+            if isinstance(e, InputError):
+                raise
+            raise InputError(
+                f"the model could not compute the {what} on this batch ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}). Check that the inputs have the shape the "
+                "model expects (the same per-example shape as the training data) and that the "
+                "forward/loss functions accept (inputs, targets) batches.") from e
+
+    def _check_dtypes(self, batch: Batch) -> None:
+        inputs = batch[0] if isinstance(batch, tuple) and batch else batch
+        for leaf in tree_leaves(inputs):
+            if leaf.is_floating_point() and leaf.dtype != self.dtype:
+                raise InputError(
+                    f"the inputs are {leaf.dtype} but the model's parameters are {self.dtype}: "
+                    f"convert the data (x.to({self.dtype})) or the model "
+                    f"(model.to({leaf.dtype})).")
+
 
 def select_params(model: nn.Module, spec: ParamSpec) -> list[str]:
     """Resolve a parameter selection to a list of parameter names (in module order)."""
@@ -200,6 +233,10 @@ def select_params(model: nn.Module, spec: ParamSpec) -> list[str]:
     elif callable(spec) and not isinstance(spec, nn.Module):
         chosen = [n for n, p in named if spec(n, p)]
     else:
+        if not isinstance(spec, (str, nn.Module, Sequence, set, frozenset)):
+            raise InputError(
+                f"params must be None, a name or name prefix, a module, a list of those, or a "
+                f"predicate (name, param) -> bool; got {type(spec).__name__} {spec!r}.")
         items: Iterable[str | nn.Module] = (
             [spec] if isinstance(spec, (str, nn.Module)) else list(spec)  # type: ignore[arg-type]
         )
@@ -258,7 +295,8 @@ def margin_loss(outputs: Any, batch: Batch) -> torch.Tensor:
     logits = _logits(outputs)
     y = batch[1]
     correct = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    is_label = torch.arange(logits.shape[1], device=logits.device) == y[:, None]
+    others = logits.masked_fill(is_label, float("-inf"))
     return torch.logsumexp(others, dim=1) - correct
 
 
@@ -291,6 +329,33 @@ class ClassificationTask(Task):
             params=params,
             eval_mode=eval_mode,
         )
+
+    def check_batch(self, batch: Batch) -> None:
+        """As :meth:`Task.check_batch`, plus: labels are integer class indices ``[B]`` within
+        the model's classes."""
+        labels = batch[1] if isinstance(batch, tuple) and len(batch) > 1 else None
+        if not isinstance(labels, torch.Tensor):
+            raise InputError("ClassificationTask needs (inputs, labels) batches with a label "
+                             "tensor; got no labels.")
+        if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+            raise InputError(
+                f"labels must be integer class indices, got {labels.dtype}: convert them with "
+                "labels.long() (one-hot or probability targets need a Task with your loss).")
+        if labels.dim() != 1:
+            raise InputError(
+                f"labels must have shape [B] (one class index per example), got "
+                f"{tuple(labels.shape)}: use labels.reshape(-1) (or labels.squeeze(1)).")
+        if getattr(self, "_num_classes", None) is None:
+            self._check_dtypes(batch)
+            with torch.no_grad(), self.evaluating():
+                out = self._probe(lambda: self.outputs(self.theta(), batch), "outputs")
+                self._num_classes = _logits(out).shape[-1]
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self._num_classes):
+            raise InputError(
+                f"labels must lie in [0, {self._num_classes}) (the model has "
+                f"{self._num_classes} outputs); got values from {int(labels.min())} to "
+                f"{int(labels.max())}.")
+        super().check_batch(batch)
 
     def predict(self, inputs: Any) -> torch.Tensor:
         """Predicted classes for a batch of inputs."""

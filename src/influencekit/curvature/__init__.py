@@ -1,7 +1,25 @@
-"""Curvature of the mean training loss as matrices and linear operators."""
+"""Curvature of the mean training loss: one operator, its eigenpairs, and spectral filters.
 
-from .arnoldi import DataCurvature, Eigenpairs, arnoldi, curvature_eigenpairs, distill
-from .dense import dense_curvature
+- :mod:`.operator` — :class:`CurvatureOperator` (Hessian | GGN over full / fixed / streamed /
+  sampled data; block products, power iteration, the dense matrix).
+- :mod:`.arnoldi` — Arnoldi iteration and the Rayleigh–Ritz step (top eigenpairs).
+- :mod:`.spectral` — :class:`Eigenpairs` and the filters (damped inverse, finite horizon) that
+  turn eigenpairs into a preconditioner.
+"""
 
-__all__ = ["DataCurvature", "Eigenpairs", "arnoldi", "curvature_eigenpairs", "dense_curvature",
-           "distill"]
+from .arnoldi import Eigensolver, arnoldi, curvature_eigenpairs, distill, top_eigenpairs
+from .operator import SAMPLINGS, CurvatureOperator, dense_curvature
+from .spectral import (
+    Eigenpairs,
+    HorizonFilter,
+    InverseFilter,
+    SpectralFilter,
+    as_filter,
+    horizon_filter,
+)
+
+__all__ = [
+    "SAMPLINGS", "CurvatureOperator", "Eigenpairs", "Eigensolver", "HorizonFilter",
+    "InverseFilter", "SpectralFilter", "arnoldi", "as_filter", "curvature_eigenpairs",
+    "dense_curvature", "distill", "horizon_filter", "top_eigenpairs",
+]

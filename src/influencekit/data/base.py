@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .. import validate
 from ..errors import InputError
 
 INSTALL_HINT = (
@@ -77,11 +78,15 @@ def stratified_split(labels: torch.Tensor, test_fraction: float, seed: int
     return (tr[torch.randperm(len(tr), generator=gen)], te[torch.randperm(len(te), generator=gen)])
 
 
-def subset(split: tuple[Any, torch.Tensor], n: int | None) -> tuple[Any, torch.Tensor]:
-    """The first ``n`` examples of a (seeded, shuffled) split; all when ``n`` is None."""
+def subset(split: tuple[Any, torch.Tensor], n: int | None, name: str = "n"
+           ) -> tuple[Any, torch.Tensor]:
+    """The first ``n`` examples of a (seeded, shuffled) split; all when ``n`` is None. ``name``
+    is the argument that gave ``n`` (for the error message)."""
     if n is None:
         return split
     x, y = split
-    if n < 1 or n > len(y):
-        raise InputError(f"asked for {n} examples but the split holds {len(y)}.")
+    n = validate.positive_int(name, n)
+    if n > len(y):
+        raise InputError(f"{name} = {n} asks for more examples than the split holds "
+                         f"({len(y)}); give {name} ≤ {len(y)}.")
     return (x[:n], y[:n])

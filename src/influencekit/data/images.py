@@ -15,8 +15,8 @@ def _split(name: str, x: torch.Tensor, y: torch.Tensor, *, test_fraction: float,
     tr, te = stratified_split(y, test_fraction, seed)
     return DataSplits(
         name=name,
-        train=subset((x[tr], y[tr]), n_train),
-        test=subset((x[te], y[te]), n_test),
+        train=subset((x[tr], y[tr]), n_train, "n_train"),
+        test=subset((x[te], y[te]), n_test, "n_test"),
         classes=list(DIGIT_CLASSES),
         description=description,
         meta={"seed": seed, "test_fraction": test_fraction},

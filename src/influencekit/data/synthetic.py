@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import validate
 from ..errors import InputError
 from .base import DataSplits
 
@@ -16,9 +17,10 @@ def load_synthetic(*, n_train: int = 200, n_test: int = 50, features: int = 8,
     Class means are drawn with ``seed`` at distance about ``separation`` from the origin;
     examples are ``mean + noise · N(0, I)``. Labels cycle through the classes, then are shuffled.
     """
-    if n_train < 1 or n_test < 1 or num_classes < 2 or features < 1:
-        raise InputError("synthetic data needs n_train, n_test, features ≥ 1 and "
-                         "num_classes ≥ 2.")
+    n_train = validate.positive_int("n_train", n_train)
+    n_test = validate.positive_int("n_test", n_test)
+    features = validate.positive_int("features", features)
+    num_classes = validate.integer("num_classes", num_classes, minimum=2)
     gen = torch.Generator().manual_seed(seed)
     means = torch.randn(num_classes, features, generator=gen)
     means = separation * means / means.norm(dim=1, keepdim=True)
@@ -32,3 +34,27 @@ def load_synthetic(*, n_train: int = 200, n_test: int = 50, features: int = 8,
     return DataSplits("synthetic", draw(n_train), draw(n_test),
                       [f"class{c}" for c in range(num_classes)],
                       description="Gaussian clusters", meta={"seed": seed})
+
+
+def make_blobs(n: int, *, classes: int = 3, flips: int = 6, seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``n`` points of ``classes`` 2-D Gaussian blobs (centres on a circle of radius 2.5, unit
+    noise), labels cycling through the classes; ``flips`` labels moved to the next class.
+
+    Returns ``(x [n, 2], y [n], flipped)`` with ``flipped`` the sorted indices of the flipped
+    labels (the demo and the README's quickstart use it).
+    """
+    n = validate.positive_int("n", n)
+    classes = validate.integer("classes", classes, minimum=2)
+    flips = validate.integer("flips", flips, minimum=0)
+    if flips > n:
+        raise InputError(f"flips must be ≤ n = {n} (one flip per point at most), got {flips}.")
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    angle = 2 * torch.pi * y.to(dtype) / classes
+    centres = 2.5 * torch.stack([angle.cos(), angle.sin()], 1)
+    x = centres + torch.randn(n, 2, generator=g, dtype=dtype)
+    flipped = torch.randperm(n, generator=g)[:flips].tolist()
+    for i in flipped:
+        y[i] = (y[i] + 1) % classes
+    return x, y, sorted(flipped)

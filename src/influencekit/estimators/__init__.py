@@ -1,23 +1,27 @@
 """Influence estimators, all with the same face: fit / scores / self_influence / top_k."""
 
-from .arnoldi import ArnoldiComplement, ArnoldiInfluence, ArnoldiTopK
+from collections.abc import Callable
+from functools import partial
+
+from .arnoldi import ArnoldiInfluence
 from .base import Estimator, TopK
 from .classic import CGInfluence, ExactInfluence, GradCos, GradDot, LiSSAInfluence
+from .features import TrainFeatures
 
-# name -> class, for the CLI and the evaluation harness (later estimators register here).
-METHODS: dict[str, type[Estimator]] = {
+# name -> estimator factory ``(task, **options) -> Estimator``, for the CLI and the evaluation
+# harness (later estimators register here).
+METHODS: dict[str, Callable[..., Estimator]] = {
     "exact": ExactInfluence,
     "cg": CGInfluence,
     "lissa": LiSSAInfluence,
     "graddot": GradDot,
     "gradcos": GradCos,
     "arnoldi": ArnoldiInfluence,
-    "arnoldi-topk": ArnoldiTopK,
-    "arnoldi-complement": ArnoldiComplement,
+    "arnoldi-topk": partial(ArnoldiInfluence, filter="topk"),
+    "arnoldi-complement": partial(ArnoldiInfluence, filter="complement"),
 }
 
 __all__ = [
-    "METHODS", "ArnoldiComplement", "ArnoldiInfluence", "ArnoldiTopK", "CGInfluence",
-    "Estimator", "ExactInfluence", "GradCos", "GradDot",
-    "LiSSAInfluence", "TopK",
+    "METHODS", "ArnoldiInfluence", "CGInfluence", "Estimator", "ExactInfluence", "GradCos",
+    "GradDot", "LiSSAInfluence", "TopK", "TrainFeatures",
 ]

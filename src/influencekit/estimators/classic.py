@@ -4,56 +4,71 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 
-from ..autodiff import _check_curvature, curvature_vp, mean_curvature_vp
-from ..batching import Data, take, to_device
-from ..curvature import dense_curvature
+from ..autodiff import CURVATURES
+from ..batching import Data
+from ..curvature import CurvatureOperator, Eigenpairs, SpectralFilter, as_filter
 from ..errors import CurvatureError, InputError, NumericalError
 from ..progress import progress_bar
 from ..task import Task
+from ..validate import (
+    boolean,
+    choice,
+    integer,
+    optional_positive_int,
+    positive,
+    positive_int,
+)
 from .base import Estimator
 
 
 class ExactInfluence(Estimator):
-    """``(H + λI)⁻¹`` from the dense curvature (``P × P``): the oracle for small models.
+    """The full eigendecomposition of the dense curvature (``P × P``) under a spectral filter:
+    the oracle for small models.
 
     Args:
         curvature: ``"hessian"`` or ``"ggn"``.
+        filter: ``"inverse"`` (default: ``(H + λI)⁻¹``), ``"horizon"`` or a
+            :class:`~influencekit.curvature.SpectralFilter` (e.g. ``HorizonFilter(lr, steps)``:
+            the effect of ``steps`` of gradient descent instead of the converged response).
         max_params: refuse models larger than this (the matrix costs ``8·P²`` bytes).
     """
 
+    name = "exact"
+
     def __init__(self, task: Task, *, damping: float = 0.0, curvature: str = "hessian",
-                 max_params: int = 20_000, **kw):
+                 filter: str | SpectralFilter = "inverse", max_params: int = 20_000, **kw: Any):
         super().__init__(task, damping=damping, **kw)
-        _check_curvature(curvature)
+        self.curvature = choice("curvature", curvature, CURVATURES)
+        self.filter = as_filter(filter)
+        max_params = positive_int("max_params", max_params)
         if task.num_params > max_params:
             raise InputError(
                 f"ExactInfluence builds a {task.num_params}² matrix; that is above max_params="
                 f"{max_params}. Use ArnoldiInfluence or CGInfluence, restrict params=, or raise "
                 "max_params."
             )
-        self.curvature = curvature
-        self.eigenvalues: torch.Tensor | None = None
-        self.eigenvectors: torch.Tensor | None = None
+        self.eigen: Eigenpairs | None = None
+        self._weights: tuple[torch.Tensor, float] | None = None
 
     def _fit(self, train: Data) -> None:
-        h = dense_curvature(self.task, train, self.curvature, batch_size=self.batch_size,
-                            progress=self.progress)
-        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(h)
-        shifted = self.eigenvalues + self.damping
-        scale = max(self.eigenvalues.abs().max().item(), self.damping, 1e-30)
-        if shifted.abs().min().item() <= 1e-10 * scale:
-            raise CurvatureError(
-                f"H + λI is singular (smallest |eigenvalue| {shifted.abs().min().item():.3g}, "
-                f"largest {scale:.3g}): add damping (e.g. damping={1e-3 * scale:.2g}) or use "
-                "curvature='ggn'."
-            )
+        h = CurvatureOperator(self.task, train, self.curvature,
+                              micro_batch_size=self.batch_size
+                              ).dense(progress=self.progress)
+        values, vectors = torch.linalg.eigh(h)
+        self.eigen = Eigenpairs(values, vectors.T.contiguous())
+        self._weights = self.filter.weights(values, self.damping)
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        return self.eigen.values
 
     def precondition(self, g: torch.Tensor) -> torch.Tensor:
-        v = self.eigenvectors
-        return ((g.to(torch.float64) @ v) / (self.eigenvalues + self.damping)) @ v.T
+        f, c = self._weights
+        return self.eigen.apply(g, f, c)
 
 
 class CGInfluence(Estimator):
@@ -66,23 +81,28 @@ class CGInfluence(Estimator):
     Args:
         curvature: ``"hessian"`` or ``"ggn"`` (the GGN is positive semi-definite).
         max_iter: iteration limit; tol: relative residual at which a column stops.
-        hessian_batch_size: examples per curvature-product batch.
+        micro_batch_size: examples per curvature-product evaluation (memory only).
     """
 
+    name = "cg"
+
     def __init__(self, task: Task, *, damping: float = 0.0, curvature: str = "hessian",
-                 max_iter: int = 100, tol: float = 1e-6, hessian_batch_size: int = 256, **kw):
+                 max_iter: int = 100, tol: float = 1e-6, micro_batch_size: int = 256,
+                 **kw: Any):
         super().__init__(task, damping=damping, **kw)
-        _check_curvature(curvature)
-        self.curvature = curvature
-        self.max_iter = max_iter
-        self.tol = tol
-        self.hessian_batch_size = hessian_batch_size
+        self.curvature = choice("curvature", curvature, CURVATURES)
+        self.max_iter = positive_int("max_iter", max_iter)
+        self.tol = positive("tol", tol)
+        self.micro_batch_size = positive_int("micro_batch_size", micro_batch_size)
         self.iterations_used = 0
+        self.operator: CurvatureOperator | None = None
+
+    def _fit(self, train: Data) -> None:
+        self.operator = CurvatureOperator(self.task, train, self.curvature,
+                                          micro_batch_size=self.micro_batch_size)
 
     def _apply(self, v: torch.Tensor) -> torch.Tensor:
-        hv = mean_curvature_vp(self.task, self.train, v, self.curvature,
-                               batch_size=self.hessian_batch_size)
-        return hv + self.damping * v
+        return self.operator(v) + self.damping * v
 
     def precondition(self, g: torch.Tensor) -> torch.Tensor:
         b = g.to(torch.float64)
@@ -92,15 +112,14 @@ class CGInfluence(Estimator):
         rs = (r * r).sum(1)
         target = self.tol * b.norm(dim=1)
         active = rs.sqrt() > target
-        bar = progress_bar(range(self.max_iter), desc="CG", leave=False,
-                   progress=self.progress)
+        bar = progress_bar(range(self.max_iter), desc="CG", progress=self.progress)
         self.iterations_used = 0
         for _ in bar:
             if not active.any():
                 break
             self.iterations_used += 1
             idx = active.nonzero().squeeze(1)
-            ap = self._apply(p[idx])
+            ap = self._apply(p[idx]).to(b.device)
             pap = (p[idx] * ap).sum(1)
             if (pap <= 0).any():
                 raise CurvatureError(
@@ -129,58 +148,77 @@ class LiSSAInfluence(Estimator):
     """Stochastic Neumann-series inverse (Agarwal et al. 2017; Koh & Liang 2017).
 
     ``h_t = g + (I − (H_t + λI)/scale) h_{t−1}``, ``(H + λI)⁻¹ g ≈ h_T / scale``, with ``H_t``
-    the curvature on a random mini-batch; averaged over ``repeats`` runs. Converges only when
-    ``scale`` exceeds the largest eigenvalue of ``H + λI`` (about half of it suffices in exact
-    arithmetic) and ``H + λI ≻ 0``; divergence is detected and raised, never returned.
+    the curvature on a random mini-batch; averaged over ``repeats`` runs. It converges only when
+    ``H + λI ≻ 0`` and ``scale`` exceeds half its largest eigenvalue. ``fit`` checks both ends of
+    the spectrum by power iteration on the full-batch curvature and raises a
+    :class:`~influencekit.CurvatureError` when ``H + λI`` has a negative eigenvalue (the
+    recursion would grow without bound); divergence during the recursion is raised too.
 
     Args:
         scale: ``None`` estimates ``1.5 × λ_max(H + λI)`` by power iteration at fit time.
         depth: recursion steps; repeats: independent recursions averaged.
-        hessian_batch_size: examples per mini-batch curvature product, sampled with
-            replacement; ``None`` uses the whole training set every step (deterministic).
+        curvature_batch: examples per mini-batch curvature product, sampled with replacement;
+            ``None`` uses the whole training set every step (deterministic).
+        check_definite: run the negative-eigenvalue check at fit (30 full-batch products).
         seed: seeds the mini-batch sampling.
     """
 
+    name = "lissa"
+
     def __init__(self, task: Task, *, damping: float = 0.0, scale: float | None = None,
-                 depth: int = 1000, repeats: int = 1, hessian_batch_size: int | None = 64,
-                 curvature: str = "hessian", seed: int = 0, **kw):
+                 depth: int = 1000, repeats: int = 1, curvature_batch: int | None = 64,
+                 curvature: str = "hessian", check_definite: bool = True, seed: int = 0,
+                 **kw: Any):
         super().__init__(task, damping=damping, **kw)
-        _check_curvature(curvature)
-        if scale is not None and scale <= 0:
-            raise InputError(f"scale must be positive, got {scale}.")
-        self.scale = scale
-        self.depth = depth
-        self.repeats = repeats
-        self.hessian_batch_size = hessian_batch_size
-        self.curvature = curvature
-        self.seed = seed
+        self.curvature = choice("curvature", curvature, CURVATURES)
+        self.scale = None if scale is None else positive(
+            "scale", scale, fix="Leave scale=None to estimate it from the largest eigenvalue.")
+        self.depth = positive_int("depth", depth)
+        self.repeats = positive_int("repeats", repeats)
+        self.curvature_batch = optional_positive_int("curvature_batch", curvature_batch)
+        self.check_definite = boolean("check_definite", check_definite)
+        self.seed = integer("seed", seed)
         self.last_relative_change: float | None = None
+        self.lambda_max: float | None = None
+        self.lambda_min: float | None = None
 
     def _fit(self, train: Data) -> None:
+        full = CurvatureOperator(self.task, train, self.curvature)
+        if self.scale is None or self.check_definite:
+            self.lambda_max = full.power_iteration()
         if self.scale is None:
-            lam = power_iteration(self.task, train, self.curvature, batch_size=256)
-            self.scale = 1.5 * (abs(lam) + self.damping)
-
-    def _curvature(self, h: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if self.hessian_batch_size is None:
-            return mean_curvature_vp(self.task, self.train, h, self.curvature)
-        idx = torch.randint(self.n_train, (self.hessian_batch_size,), generator=gen)
-        batch = to_device(take(self.train, idx), self.task.device)
-        hv = curvature_vp(self.task, batch, h, self.curvature).to(torch.float64)
-        return hv / self.hessian_batch_size
+            self.scale = 1.5 * (abs(self.lambda_max) + self.damping)
+        if self.check_definite:
+            top = abs(self.lambda_max)
+            # H − top·I has eigenvalues in [−2·top, 0]; its largest in magnitude is λ_min − top.
+            # A Rayleigh quotient never undershoots, so neither does λ_min (no false alarms).
+            self.lambda_min = top + full.power_iteration(shift=top)
+            if self.lambda_min + self.damping < -1e-6 * max(top, self.damping):
+                raise CurvatureError(
+                    f"H + λI is not positive definite (smallest eigenvalue of H ≈ "
+                    f"{self.lambda_min:.3g}, damping {self.damping:.3g}): the LiSSA recursion "
+                    f"would grow without bound. Use damping > {-self.lambda_min:.2g}, "
+                    "curvature='ggn', or ArnoldiInfluence / ExactInfluence (which accept "
+                    "indefinite curvature); check_definite=False skips this check.")
+        if self.curvature_batch is None:
+            self._operator = full
+        else:
+            self._operator = CurvatureOperator(self.task, train, self.curvature,
+                                               sampling="sampled", batch=self.curvature_batch,
+                                               seed=self.seed)
 
     def precondition(self, g: torch.Tensor) -> torch.Tensor:
         b = g.to(torch.float64)
-        gen = torch.Generator().manual_seed(self.seed)
+        if self.curvature_batch is not None:  # the same draws for every query chunk
+            self._operator.gen.manual_seed(self.seed)
         b_norm = b.norm(dim=1).clamp_min(1e-300)
         total = torch.zeros_like(b)
-        bar = progress_bar(total=self.repeats * self.depth, desc="LiSSA", leave=False,
-                   progress=self.progress)
+        bar = progress_bar(total=self.repeats * self.depth, desc="LiSSA", progress=self.progress)
         for _ in range(self.repeats):
             h = b.clone()
             prev = h
             for t in range(self.depth):
-                hv = self._curvature(h, gen) + self.damping * h
+                hv = self._operator(h).to(b.device) + self.damping * h
                 prev, h = h, b + h - hv / self.scale
                 growth = (h.norm(dim=1) / b_norm).max().item()
                 if not math.isfinite(growth) or growth > 10 * (t + 2):
@@ -195,7 +233,7 @@ class LiSSAInfluence(Estimator):
             rel = ((h - prev).norm() / h.norm().clamp_min(1e-300)).item()
             self.last_relative_change = rel
         bar.close()
-        noisy = self.hessian_batch_size is not None
+        noisy = self.curvature_batch is not None
         if self.last_relative_change is not None and self.last_relative_change > (
                 0.1 if noisy else 1e-3):
             warnings.warn(
@@ -204,40 +242,25 @@ class LiSSAInfluence(Estimator):
         return total / (self.repeats * self.scale)
 
 
-def power_iteration(task: Task, train: Data, curvature: str = "hessian", *,
-                    iterations: int = 30, batch_size: int = 256, seed: int = 0) -> float:
-    """Largest-magnitude eigenvalue of the mean-loss curvature, by power iteration."""
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(task.num_params, generator=gen, dtype=torch.float64)
-    v /= v.norm()
-    lam = 0.0
-    for _ in range(iterations):
-        w = mean_curvature_vp(task, train, v[None], curvature, batch_size=batch_size)[0]
-        lam = float(v @ w)
-        norm = w.norm()
-        if norm == 0:
-            return 0.0
-        v = w / norm
-    return lam
-
-
 class GradDot(Estimator):
     """``⟨∇m(q), ∇ℓ(x)⟩``: no curvature (the limit of short fine-tuning)."""
 
     needs_fit = False
+    name = "graddot"
 
 
 class GradCos(Estimator):
     """Cosine of ``∇m(q)`` and ``∇ℓ(x)``; self-influence is 1 for every nonzero gradient."""
 
     needs_fit = False
+    name = "gradcos"
 
     @staticmethod
     def _normalise(g: torch.Tensor) -> torch.Tensor:
         return g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
-    def query_features(self, g: torch.Tensor) -> torch.Tensor:
+    def precondition(self, g: torch.Tensor) -> torch.Tensor:
         return self._normalise(g)
 
-    def train_features(self, g: torch.Tensor) -> torch.Tensor:
+    def train_transform(self, g: torch.Tensor) -> torch.Tensor:
         return self._normalise(g)

@@ -11,40 +11,32 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..data.synthetic import make_blobs
+from ..errors import InputError
 from ..estimators import METHODS
+from ..models import MLP
 from ..task import ClassificationTask
+from ..training import TrainConfig, train
+from . import arguments as arg
 
+__all__ = ["add_parser", "make_blobs", "run", "train_mlp"]
 
-def make_blobs(n: int, *, classes: int = 3, flips: int = 6, seed: int = 0,
-               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """``n`` points of ``classes`` 2-D Gaussian blobs; ``flips`` labels flipped at random."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % classes
-    angle = 2 * torch.pi * y.to(dtype) / classes
-    centres = 2.5 * torch.stack([angle.cos(), angle.sin()], 1)
-    x = centres + torch.randn(n, 2, generator=g, dtype=dtype)
-    flipped = torch.randperm(n, generator=g)[:flips].tolist()
-    for i in flipped:
-        y[i] = (y[i] + 1) % classes
-    return x, y, sorted(flipped)
+WEIGHT_DECAY = 1e-3
 
 
 def train_mlp(x: torch.Tensor, y: torch.Tensor, *, hidden: int = 16, classes: int = 3,
-              weight_decay: float = 1e-3, epochs: int = 300, seed: int = 0) -> nn.Module:
-    """Full-batch training to (near) convergence, deterministic."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, classes)).to(x.dtype)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(epochs):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss = loss + 0.5 * weight_decay * sum((p**2).sum() for p in model.parameters())
-        loss.backward()
-        opt.step()
-    return model
+              weight_decay: float = WEIGHT_DECAY, epochs: int = 300, seed: int = 0) -> nn.Module:
+    """A one-hidden-layer tanh MLP trained to (near) convergence with the deterministic trainer:
+    full-batch Adam (lr 0.05), weight decay as the L2 term ``(wd/2)‖θ‖²``."""
+    config = TrainConfig(epochs=epochs, batch_size=len(y), optimizer="adam", lr=0.05,
+                         weight_decay=weight_decay, seed=seed, init_seed=seed)
+
+    def builder() -> nn.Module:
+        return MLP(x.shape[1], classes, hidden=(hidden,)).to(x.dtype)
+
+    return train(builder, (x, y), config, progress=False).model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,23 +48,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--curvature", default="ggn", choices=["ggn", "hessian"],
                    help="curvature for the methods that use one (default: ggn, which is "
                         "positive semi-definite; the MLP's Hessian is indefinite)")
-    p.add_argument("--n-train", type=int, default=300, help="training examples (default 300)")
-    p.add_argument("--queries", type=int, default=3, help="test queries shown (default 3)")
-    p.add_argument("--top", type=int, default=3, help="proponents/opponents shown (default 3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=arg.count(), default=300,
+                   help="training examples (default 300)")
+    p.add_argument("--queries", type=arg.count(), default=3, help="test queries shown (default 3)")
+    p.add_argument("--top", type=arg.count(), default=3,
+                   help="proponents/opponents shown (default 3)")
+    p.add_argument("--seed", type=arg.count(0), default=0)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.top > args.n_train:
+        raise InputError(f"--top {args.top} exceeds --n-train {args.n_train}.")
     t0 = time.perf_counter()
-    wd = 1e-3
-    x, y, flipped = make_blobs(args.n_train, seed=args.seed)
+    x, y, flipped = make_blobs(args.n_train, flips=min(6, args.n_train // 10), seed=args.seed)
     xq, yq, _ = make_blobs(args.queries, flips=0, seed=args.seed + 1)
-    model = train_mlp(x, y, weight_decay=wd, seed=args.seed)
+    model = train_mlp(x, y, weight_decay=WEIGHT_DECAY, seed=args.seed)
     task = ClassificationTask(model)
-    kwargs = ({} if args.method in ("graddot", "gradcos")
-              else {"damping": wd, "curvature": args.curvature})
-    est = METHODS[args.method](task, **kwargs).fit((x, y))
+    cls = METHODS[args.method]
+    takes = arg.constructor_options(cls)  # e.g. GradDot has no curvature
+    settings = {"damping": WEIGHT_DECAY, "curvature": args.curvature}
+    est = cls(task, **{k: v for k, v in settings.items() if takes is None or k in takes})
+    est.fit((x, y))
     acc = (task.predict(x) == y).float().mean().item()
     print(f"Trained a {task.num_params}-parameter MLP on {len(y)} points "
           f"(3 blobs, {len(flipped)} labels flipped); train accuracy {acc:.1%}.")

@@ -19,7 +19,9 @@ Correlations are Spearman per query, averaged over queries. Weight decay wd ente
 Methods are names from influencekit.estimators.METHODS, optionally with options passed to the
 estimator: "cg:curvature=ggn:max_iter=50" (the label in the table is the whole spec); the
 option "mislabel=False" skips that method's self-influence run. The first "exact" spec listed
-is the reference of the "Spearman vs exact" column.
+is the reference of the "Spearman vs exact" column. Models and datasets come from the registries
+influencekit.models.BUILDERS and influencekit.data.LOADERS. Unknown names and bad values are
+refused before anything is trained.
 Retraining results are cached under --cache-dir; a rerun (or a killed run) resumes.
 """
 
@@ -27,42 +29,105 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .. import data as ik_data
 from .. import models as ik_models
-from ..errors import InputError
+from ..errors import InfluenceError, InputError
 from ..estimators import METHODS
 from ..groundtruth import (
     Cache,
     Retrainer,
-    TrainConfig,
-    atomic_write_text,
     flip_labels,
     lds_retrain,
     leave_one_out,
     pbrf,
     with_epochs,
 )
-from ..groundtruth.benchmark import GroundTruth, MethodResult, describe_error, evaluate_method
-from ..groundtruth.benchmark import summary as row_summary
+from ..store import atomic_write_text
 from ..task import ClassificationTask
+from ..training import TrainConfig
+from . import arguments as arg
+from .benchmark import GroundTruth, MethodResult, describe_error, evaluate_method
+from .benchmark import summary as row_summary
 
-GROUND_TRUTHS = ("loo-warm", "loo-scratch", "lds", "pbrf", "mislabel")
-PLANNED = ("ekfac", "tracin", "trak")  # in DESIGN.md, may not be registered yet
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"lissa": {"depth": 200}}
-IMAGE_DATASETS = ("digits", "mnist", "synthetic")
+# the registries' entries that take tensors (text needs a tokenising experiment of its own)
+DATASETS = [name for name in ik_data.LOADERS if ik_data.INPUTS[name] != "text"]
+MODELS = [name for name in ik_models.BUILDERS if ik_models.INPUTS[name] != "text"]
 COLUMNS = [("spearman_vs_exact", "Spearman vs exact"), ("loo_warm", "LOO warm"),
            ("loo_scratch", "LOO scratch"), ("lds", "LDS"), ("pbrf", "PBRF"),
            ("mislabel_auc", "mislabel AUC"), ("time_s", "time (s)"), ("peak_mb", "peak MB")]
+
+
+# --------------------------------------------------------------------------- ground truths
+@dataclass
+class Setup:
+    """What the ground truths are computed from: the data, θ* and the run's settings."""
+
+    args: argparse.Namespace
+    data: ik_data.DataSplits
+    builder: Callable[[], nn.Module]
+    config: TrainConfig
+    cache: Cache
+    retrainer: Retrainer
+    model: nn.Module  # θ*
+    damping: float
+    removed: list[int]  # the examples left out for LOO (the first n_pbrf for the PBRF)
+    progress: bool | None
+
+
+def _loo_warm(s: Setup, gt: GroundTruth) -> None:
+    warm = with_epochs(s.config, s.args.warm_epochs)
+    gt.loo["warm"] = leave_one_out(s.retrainer, s.removed, s.data.test, warm_start=s.model,
+                                   warm_config=warm)
+
+
+def _loo_scratch(s: Setup, gt: GroundTruth) -> None:
+    gt.loo["scratch"] = leave_one_out(s.retrainer, s.removed, s.data.test)
+
+
+def _lds(s: Setup, gt: GroundTruth) -> None:
+    gt.lds = lds_retrain(s.retrainer, s.data.test, n_subsets=s.args.lds_subsets,
+                         alpha=s.args.lds_alpha, seed=s.args.seed + 2)
+
+
+def _pbrf(s: Setup, gt: GroundTruth) -> None:
+    removed = s.removed[:s.args.n_pbrf]
+    key = s.retrainer.key("pbrf", asdict(s.config), [s.damping, removed], s.data.test)
+    gt.pbrf = s.cache.get_or_compute(
+        "pbrf", key, lambda: pbrf(ClassificationTask(s.model), s.data.train, removed,
+                                  s.data.test, damping=s.damping, progress=s.progress))
+
+
+def _mislabel(s: Setup, gt: GroundTruth) -> None:
+    noisy_y, flipped = flip_labels(s.data.train[1], s.args.mislabel_fraction,
+                                   s.data.num_classes, seed=s.args.seed + 3)
+    noisy_train = (s.data.train[0], noisy_y)
+    noisy = Retrainer(s.builder, noisy_train, s.config, cache=s.cache,
+                      progress=s.progress).fit()
+    gt.noisy_task, gt.noisy_train, gt.flipped = ClassificationTask(noisy), noisy_train, flipped
+
+
+# name -> computes that ground truth into the GroundTruth (in this order)
+GROUND_TRUTHS: dict[str, Callable[[Setup, GroundTruth], None]] = {
+    "loo-warm": _loo_warm,
+    "loo-scratch": _loo_scratch,
+    "lds": _lds,
+    "pbrf": _pbrf,
+    "mislabel": _mislabel,
+}
 
 
 # --------------------------------------------------------------------------- CLI
@@ -75,46 +140,53 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "evaluate", help="score influence estimators against LOO, LDS, PBRF and mislabels",
         description=__doc__, formatter_class=_HelpFormatter)
     a = p.add_argument
-    a("--dataset", default="digits", choices=IMAGE_DATASETS, help="built-in dataset")
-    a("--model", default="mlp", choices=["mlp", "logreg", "cnn", "resnet"],
+    a("--dataset", default="digits", choices=DATASETS, help="built-in dataset")
+    a("--model", default="mlp", choices=MODELS,
       help="built-in model (logreg = MLP without hidden layers)")
-    a("--hidden", default="32", help="MLP hidden widths, comma-separated")
+    a("--hidden", default="32", type=arg.counts(), help="MLP hidden widths, comma-separated")
     a("--methods", default="exact,cg,lissa,arnoldi,graddot,gradcos",
+      type=arg.checked(str, "method specs", parse_methods),
       help="comma-separated method specs, e.g. exact,cg:curvature=ggn (lissa defaults to "
-           "depth=200)")
-    a("--n-train", type=int, default=None, help="training examples; None means the whole split")
-    a("--n-queries", type=int, default=100, help="test examples used as queries")
+           f"depth=200); known methods: {', '.join(METHODS)}")
+    a("--n-train", type=arg.count(), default=None,
+      help="training examples; None means the whole split")
+    a("--n-queries", type=arg.count(), default=100, help="test examples used as queries")
     g = p.add_argument_group("training (deterministic; SGD with momentum 0.9, cosine schedule)")
-    g.add_argument("--epochs", type=int, default=30, help="epochs")
-    g.add_argument("--batch-size", type=int, default=64, help="batch size")
-    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
+    g.add_argument("--epochs", type=arg.count(), default=30, help="epochs")
+    g.add_argument("--batch-size", type=arg.count(), default=64, help="batch size")
+    g.add_argument("--lr", type=arg.number(0.0, strict=True), default=0.1,
+                   help="peak learning rate")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="optimizer")
-    g.add_argument("--weight-decay", type=float, default=1e-3,
+    g.add_argument("--weight-decay", type=arg.number(0.0), default=1e-3,
                    help="L2 coefficient; also the estimators' damping unless --damping")
-    g.add_argument("--seed", type=int, default=0, help="data split, order and init seed")
+    g.add_argument("--seed", type=arg.count(0), default=0,
+                   help="data split, order and init seed")
     g = p.add_argument_group("ground truth")
     g.add_argument("--ground-truth", default=",".join(GROUND_TRUTHS),
+                   type=arg.checked(str, "ground-truth names", _ground_truths),
                    help="which ground truths to compute (comma-separated)")
-    g.add_argument("--n-removed", type=int, default=40,
+    g.add_argument("--n-removed", type=arg.count(), default=40,
                    help="random training examples left out for LOO")
-    g.add_argument("--warm-epochs", type=int, default=10,
+    g.add_argument("--warm-epochs", type=arg.count(), default=10,
                    help="epochs of warm-started LOO retraining from θ*")
-    g.add_argument("--lds-subsets", type=int, default=50, help="LDS subsets retrained (M)")
-    g.add_argument("--lds-alpha", type=float, default=0.5, help="LDS subset fraction α")
-    g.add_argument("--n-pbrf", type=int, default=20,
+    g.add_argument("--lds-subsets", type=arg.count(2), default=50,
+                   help="LDS subsets retrained (M)")
+    g.add_argument("--lds-alpha", type=arg.fraction, default=0.5, help="LDS subset fraction α")
+    g.add_argument("--n-pbrf", type=arg.count(), default=20,
                    help="examples (the first of the LOO set) for the PBRF")
-    g.add_argument("--mislabel-fraction", type=float, default=0.1,
+    g.add_argument("--mislabel-fraction", type=arg.fraction, default=0.1,
                    help="training labels flipped for mislabel detection")
     g = p.add_argument_group("run")
-    g.add_argument("--damping", type=float, default=None,
+    g.add_argument("--damping", type=arg.number(0.0), default=None,
                    help="λ for the estimators and the PBRF; None means the weight decay")
-    g.add_argument("--out", default=None,
+    g.add_argument("--out", type=arg.folder, default=None,
                    help="output folder for results.json and results.md"
                         "; None means runs/evaluate/DATASET-MODEL")
-    g.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "influencekit"),
+    g.add_argument("--cache-dir", type=arg.folder,
+                   default=str(Path.home() / ".cache" / "influencekit"),
                    help="where retraining results are cached")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=arg.count(), default=None,
                    help="torch CPU threads (1 is often fastest for small models on a busy "
                         "machine)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -122,10 +194,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_methods(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """``"exact,cg:curvature=ggn"`` -> ``[(label, name, options), ...]``; unknown names raise."""
+    """``"exact,cg:curvature=ggn"`` -> ``[(label, name, options), ...]``.
+
+    Unknown method names and options that the method's constructor does not take raise an
+    :class:`InputError` that lists the known ones.
+    """
     out = []
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         name, *opts = item.split(":")
+        if name not in METHODS:
+            raise InputError(f"unknown method {name!r} in --methods; known: "
+                             f"{', '.join(sorted(METHODS))}.")
         options: dict[str, Any] = dict(DEFAULT_OPTIONS.get(name, {}))
         for opt in opts:
             key, sep, value = opt.partition("=")
@@ -135,57 +214,75 @@ def parse_methods(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
                 options[key] = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 options[key] = value
-        if name not in METHODS and name not in PLANNED and not name.startswith("arnoldi"):
-            raise InputError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}.")
+        _check_options(item, name, options)
         out.append((item, name, options))
     if not out:
         raise InputError("--methods is empty; name at least one method.")
     return out
 
 
-def _csv(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
+def _check_options(item: str, name: str, options: dict[str, Any]) -> None:
+    """Build the estimator on a tiny stand-in model, so that its own checks refuse unknown
+    options and bad values now, before anything is trained."""
+    kw = {k: v for k, v in options.items() if k != "mislabel"}
+    try:
+        METHODS[name](ClassificationTask(nn.Linear(2, 2)), **kw)
+    except (InfluenceError, TypeError) as e:
+        raise InputError(f"method spec {item!r}: {e}") from e
+
+
+def _ground_truths(value: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
+    bad = [v for v in items if v not in GROUND_TRUTHS]
     if bad:
-        raise InputError(f"unknown {what} {bad}; choose from {', '.join(allowed)}.")
+        raise InputError(f"unknown ground truth {bad} in --ground-truth; choose from "
+                         f"{', '.join(GROUND_TRUTHS)}.")
     return items
 
 
 # --------------------------------------------------------------------------- setup
-def _model_builder(args: argparse.Namespace, d: ik_data.DataSplits) -> Any:
-    shape = d.input_shape
-    in_features = math.prod(shape)
-    hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
-    if args.model == "mlp":
-        return lambda: ik_models.MLP(in_features, d.num_classes, hidden=hidden)
-    if args.model == "logreg":
-        return lambda: ik_models.MLP(in_features, d.num_classes, hidden=())
-    side = int(math.isqrt(in_features))
-    if len(shape) != 3 and side * side != in_features:
-        raise InputError(f"--model {args.model} needs square images; {args.dataset} has inputs "
-                         f"of shape {shape}. Use --model mlp.")
-    if args.model == "cnn":
-        return lambda: ik_models.CNN(1, d.num_classes, image_size=side)
-    return lambda: ik_models.ResNet(1, d.num_classes)
+def _image_layout(shape: tuple[int, ...], args: argparse.Namespace) -> tuple[int, int]:
+    """``(channels, side)`` of square images stored as ``[C, S, S]`` or flattened ``[S·S]``."""
+    if len(shape) == 3 and shape[1] == shape[2]:
+        return shape[0], shape[1]
+    side = math.isqrt(math.prod(shape))
+    if len(shape) == 1 and side * side == shape[0]:
+        return 1, side
+    raise InputError(f"--model {args.model} needs square images; --dataset {args.dataset} has "
+                     f"inputs of shape {shape}. Use --model mlp.")
 
 
-def _images(x: torch.Tensor, model: str) -> torch.Tensor:
-    if model in ("cnn", "resnet") and x.dim() == 2:
-        side = int(math.isqrt(x.shape[1]))
-        return x.reshape(len(x), 1, side, side)
-    return x
+def _model_builder(args: argparse.Namespace, d: ik_data.DataSplits) -> Callable[[], nn.Module]:
+    """A builder of the registry's ``--model`` sized for ``d``'s inputs."""
+    kw: dict[str, Any] = {"num_classes": d.num_classes}
+    params = inspect.signature(ik_models.BUILDERS[args.model]).parameters
+    if ik_models.INPUTS[args.model] == "image":
+        kw["in_channels"], side = _image_layout(d.input_shape, args)
+        if "image_size" in params:
+            kw["image_size"] = side
+    else:
+        kw["in_features"] = math.prod(d.input_shape)
+        if "hidden" in params:
+            kw["hidden"] = args.hidden
+    return lambda: ik_models.build(args.model, seed=args.seed, **kw)
 
 
 def _load(args: argparse.Namespace) -> ik_data.DataSplits:
     kw: dict[str, Any] = {"seed": args.seed}
     if args.n_train is not None:
         kw["n_train"] = args.n_train
-    d = ik_data.load(args.dataset, **kw)
+    try:
+        d = ik_data.load(args.dataset, **kw)
+    except InputError as e:
+        raise InputError(f"--dataset {args.dataset}: {e}") from e
     n_test = len(d.test[1])
     if args.n_queries > n_test:
         raise InputError(f"--n-queries {args.n_queries} exceeds the {n_test} test examples.")
-    d.train = (_images(d.train[0], args.model), d.train[1])
-    d.test = (_images(d.test[0][:args.n_queries], args.model), d.test[1][:args.n_queries])
+    if ik_models.INPUTS[args.model] == "image" and len(d.input_shape) == 1:
+        channels, side = _image_layout(d.input_shape, args)
+        d.train = (d.train[0].reshape(-1, channels, side, side), d.train[1])
+        d.test = (d.test[0].reshape(-1, channels, side, side), d.test[1])
+    d.test = (d.test[0][:args.n_queries], d.test[1][:args.n_queries])
     return d
 
 
@@ -193,9 +290,10 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def build_ground_truth(args: argparse.Namespace, d: ik_data.DataSplits, builder: Any,
-                       cfg: TrainConfig, cache: Cache, damping: float, which: list[str],
-                       progress: bool | None) -> tuple[GroundTruth, torch.nn.Module, dict]:
+def build_ground_truth(args: argparse.Namespace, d: ik_data.DataSplits,
+                       builder: Callable[[], nn.Module], cfg: TrainConfig, cache: Cache,
+                       damping: float, which: list[str], progress: bool | None
+                       ) -> tuple[GroundTruth, nn.Module, dict]:
     """Train θ* and compute the selected ground truths; returns (gt, θ*, info for the report)."""
     info: dict[str, Any] = {}
     rt = Retrainer(builder, d.train, cfg, cache=cache, progress=progress)
@@ -207,35 +305,15 @@ def build_ground_truth(args: argparse.Namespace, d: ik_data.DataSplits, builder:
     info["params"] = task.num_params
     _log(f"θ*: {task.num_params} parameters, train accuracy {info['train_accuracy']:.3f}, "
          f"query accuracy {info['test_accuracy']:.3f} ({time.perf_counter() - t0:.1f}s)")
-    gt = GroundTruth(train=d.train, queries=d.test)
     n = len(d.train[1])
     gen = torch.Generator().manual_seed(args.seed + 1)
     removed = torch.randperm(n, generator=gen)[:min(args.n_removed, n)].tolist()
+    setup = Setup(args, d, builder, cfg, cache, rt, model, damping, removed, progress)
+    gt = GroundTruth(train=d.train, queries=d.test)
     timings: dict[str, float] = {}
     for kind in which:
         t0 = time.perf_counter()
-        if kind == "loo-warm":
-            warm = with_epochs(cfg, args.warm_epochs)
-            gt.loo["warm"] = leave_one_out(rt, removed, d.test, warm_start=model,
-                                           warm_config=warm)
-        elif kind == "loo-scratch":
-            gt.loo["scratch"] = leave_one_out(rt, removed, d.test)
-        elif kind == "lds":
-            gt.lds = lds_retrain(rt, d.test, n_subsets=args.lds_subsets, alpha=args.lds_alpha,
-                                 seed=args.seed + 2)
-        elif kind == "pbrf":
-            key = (damping, removed[:args.n_pbrf])
-            gt.pbrf = cache.get_or_compute(
-                "pbrf", rt.key("pbrf", asdict(cfg), list(key), d.test),
-                lambda: pbrf(task, d.train, removed[:args.n_pbrf], d.test, damping=damping,
-                             progress=progress))
-        elif kind == "mislabel":
-            noisy_y, flipped = flip_labels(d.train[1], args.mislabel_fraction, d.num_classes,
-                                           seed=args.seed + 3)
-            noisy_train = (d.train[0], noisy_y)
-            noisy = Retrainer(builder, noisy_train, cfg, cache=cache, progress=progress).fit()
-            gt.noisy_task, gt.noisy_train, gt.flipped = (ClassificationTask(noisy),
-                                                         noisy_train, flipped)
+        GROUND_TRUTHS[kind](setup, gt)
         timings[kind] = time.perf_counter() - t0
         _log(f"ground truth {kind}: {timings[kind]:.1f}s")
     info["ground_truth_seconds"] = timings
@@ -253,10 +331,6 @@ def run_methods(methods: list[tuple[str, str, dict[str, Any]]], task: Classifica
     reference: torch.Tensor | None = None
     reference_label: str | None = None
     for label, name, options in order:
-        if name not in METHODS:
-            _log(f"skipping {label!r}: {name!r} is not registered in "
-                 "influencekit.estimators.METHODS yet.")
-            continue
         cls = METHODS[name]
         kw = {"damping": damping, "progress": progress, **options}
         mislabel = bool(kw.pop("mislabel", True))
@@ -320,20 +394,13 @@ def write_reports(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
 
 # --------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``influencekit evaluate``; bad arguments print an error and return 2."""
-    try:
-        return _run(args)
-    except InputError as e:
-        print(f"influencekit evaluate: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
+    """Entry point of ``influencekit evaluate`` (arguments were checked while parsing; an
+    :class:`InputError` found later is reported by :func:`influencekit.cli.main`)."""
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = parse_methods(args.methods)
-    which = _csv(args.ground_truth, GROUND_TRUTHS, "ground truth")
+    which = _ground_truths(args.ground_truth)
     progress = False if args.no_progress else None
     d = _load(args)
     builder = _model_builder(args, d)
@@ -368,5 +435,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
         if k in ("run", "command") or v is None or v is False:
             continue
         flag = "--" + k.replace("_", "-")
+        if isinstance(v, tuple):
+            v = ",".join(map(str, v))
         out.append(flag if v is True else f"{flag}={v}")
     return out

@@ -1,13 +1,16 @@
-"""Ground truth for influence estimators: deterministic training, leave-one-out, LDS, PBRF and
-mislabel detection, with the metrics that compare scores against them.
+"""Ground truth for influence estimators: leave-one-out, LDS, PBRF and mislabel detection, with
+the metrics that compare scores against them. Retraining runs on :mod:`influencekit.training`
+and is cached on the artifact store.
 
-    from influencekit.groundtruth import TrainConfig, train, Retrainer, leave_one_out
-    result = train(builder, (x, y), TrainConfig(epochs=30, weight_decay=1e-3))
+    from influencekit.groundtruth import Cache, Retrainer, leave_one_out
+    from influencekit.training import TrainConfig
+    rt = Retrainer(builder, (x, y), TrainConfig(epochs=30, weight_decay=1e-3), cache=Cache("gt"))
+    loo = leave_one_out(rt, removed=[3, 17], queries=(xq, yq))
 """
 
-from .cache import Cache, atomic_save, atomic_write_text, fingerprint
+from .cache import Cache
 from .metrics import auc, fraction_found, lds, loo_correlation, mean_spearman, rowwise_spearman
-from .mislabel import DetectionResult, detection, flip_labels
+from .mislabel import flip_labels
 from .pbrf import PBRFResult, pbrf
 from .retrain import (
     LDSResult,
@@ -19,23 +22,9 @@ from .retrain import (
     random_subsets,
     with_epochs,
 )
-from .trainer import (
-    StepInfo,
-    TrainConfig,
-    TrainResult,
-    batch_schedule,
-    deterministic,
-    epoch_order,
-    example_weights,
-    init_model,
-    train,
-)
 
 __all__ = [
-    "Cache", "DetectionResult", "LDSResult", "LOOResult", "PBRFResult", "Retrainer", "StepInfo",
-    "TrainConfig", "TrainResult", "atomic_save", "atomic_write_text", "auc", "batch_schedule",
-    "detection", "deterministic", "epoch_order", "example_weights", "fingerprint", "flip_labels",
-    "fraction_found", "init_model", "lds", "lds_retrain", "leave_one_out", "loo_correlation",
-    "mean_spearman", "measure", "pbrf", "random_subsets", "rowwise_spearman", "train",
-    "with_epochs",
+    "Cache", "LDSResult", "LOOResult", "PBRFResult", "Retrainer", "auc", "flip_labels",
+    "fraction_found", "lds", "lds_retrain", "leave_one_out", "loo_correlation", "mean_spearman",
+    "measure", "pbrf", "random_subsets", "rowwise_spearman", "with_epochs",
 ]

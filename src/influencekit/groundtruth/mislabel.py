@@ -1,14 +1,13 @@
 """Mislabel detection: flip a fraction of the training labels, then look for them by
-self-influence (mislabelled examples tend to be their own strongest proponents)."""
+self-influence (mislabelled examples tend to be their own strongest proponents; score it with
+:func:`~influencekit.groundtruth.metrics.auc` and
+:func:`~influencekit.groundtruth.metrics.fraction_found`)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import InputError
-from .metrics import auc, fraction_found
 
 
 def flip_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: int = 0
@@ -29,18 +28,3 @@ def flip_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: i
     flipped = torch.zeros(n, dtype=torch.bool)
     flipped[idx] = True
     return noisy, flipped
-
-
-@dataclass
-class DetectionResult:
-    auc: float
-    found: float  # fraction of flipped labels among the top `inspect` of examples
-    inspect: float
-
-
-def detection(self_influence: torch.Tensor, flipped: torch.Tensor,
-              inspect: float = 0.1) -> DetectionResult:
-    """AUC of self-influence as a mislabel detector, and the fraction found after inspecting
-    the top ``inspect`` of the training set."""
-    return DetectionResult(auc(self_influence, flipped),
-                           fraction_found(self_influence, flipped, inspect), inspect)

@@ -1,8 +1,9 @@
 """Retraining ground truth: leave-one-out (warm-started and from scratch) and LDS subsets.
 
-Each retrained run is cached on disk by a fingerprint of everything that determines it (model
-initialisation, data, configuration, removed examples, queries), one file per run and written
-atomically, so an interrupted computation resumes where it stopped.
+Each retrained run is cached on the artifact store under a hash of everything that determines
+it (the model's architecture, code and initialisation, the data, the task that measures, the
+configuration, removed examples, queries), one artifact per run written atomically, so an
+interrupted computation resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from torch import nn
 from ..batching import Batch, batch_size_of, iter_batches, slice_batch, to_device
 from ..errors import InputError
 from ..progress import progress_bar
+from ..store import architecture_fingerprint, data_fingerprint, hash_value, model_fingerprint
 from ..task import ClassificationTask, Task
-from .cache import Cache, fingerprint
-from .trainer import ModelSpec, TrainConfig, init_model, train
+from ..training import ModelSpec, TrainConfig, init_model, train
+from .cache import Cache
 
 
 def measure(task: Task, queries: Batch, batch_size: int = 512) -> torch.Tensor:
@@ -53,11 +55,11 @@ class Retrainer:
         self.cache = cache or Cache(None)
         self.progress = progress
         init = init_model(model, config.init_seed)
-        self._base_key = fingerprint(list(init.state_dict().values()), train)
+        self._base_key = hash_value(_model_key(init), data_fingerprint(train), make_task)
 
     def key(self, *parts: object) -> str:
         """A cache key for results derived from this setup and ``parts``."""
-        return fingerprint(self._base_key, *parts)
+        return hash_value(self._base_key, *parts)
 
     def fit(self, *, remove: Sequence[int] | None = None, init: nn.Module | None = None,
             config: TrainConfig | None = None) -> nn.Module:
@@ -65,7 +67,7 @@ class Retrainer:
         start) or from scratch. Cached."""
         cfg = config or self.config
         start = self.model if init is None else init
-        key = self.key("fit", asdict(cfg), sorted(remove or []), _state_key(init))
+        key = self.key("fit", asdict(cfg), sorted(remove or []), _model_key(init))
         net = init_model(start, cfg.init_seed)
         state = self.cache.get_or_compute(
             "models", key,
@@ -79,7 +81,7 @@ class Retrainer:
                  subset: torch.Tensor | None = None) -> torch.Tensor:
         """``m(q)`` after retraining (on ``subset`` of the data when given). Cached."""
         cfg = config or self.config
-        key = self.key("measure", asdict(cfg), sorted(remove or []), _state_key(init),
+        key = self.key("measure", asdict(cfg), sorted(remove or []), _model_key(init),
                         queries, [] if subset is None else subset)
 
         def run() -> torch.Tensor:
@@ -91,8 +93,11 @@ class Retrainer:
         return self.cache.get_or_compute("measurements", key, run)
 
 
-def _state_key(model: nn.Module | None) -> str:
-    return "" if model is None else fingerprint(list(model.state_dict().values()))
+def _model_key(model: nn.Module | None) -> str:
+    """The architecture (and code) and the values of a model: what a run starts from."""
+    if model is None:
+        return ""
+    return architecture_fingerprint(model) + model_fingerprint(model)
 
 
 @dataclass

@@ -45,6 +45,10 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet": ResNet,
     "bert": _bert,
 }
+# what each model takes: "vector" ([N, features]; images are flattened), "image"
+# ([N, C, H, W]) or "text" (tokenised); matches ``influencekit.data.INPUTS``.
+INPUTS: dict[str, str] = {"mlp": "vector", "logreg": "vector", "cnn": "image",
+                          "resnet": "image", "bert": "text"}
 
 
 def build(name: str, *, seed: int = 0, **kwargs: Any) -> nn.Module:
@@ -61,9 +65,4 @@ def build(name: str, *, seed: int = 0, **kwargs: Any) -> nn.Module:
             raise InputError(f"model {name!r} does not take these arguments: {e}.") from e
 
 
-def num_params(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-__all__ = ["BUILDERS", "CNN", "MLP", "ResNet", "build", "num_params"]
+__all__ = ["BUILDERS", "CNN", "INPUTS", "MLP", "ResNet", "build"]

@@ -1,4 +1,5 @@
-"""Scoring an estimator against every ground truth at once, with its time and peak memory."""
+"""Scoring an estimator against every ground truth at once, with its time and peak memory
+(used by ``influencekit evaluate``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,18 @@ import torch
 
 from ..batching import Batch
 from ..estimators import Estimator
+from ..groundtruth import (
+    LDSResult,
+    LOOResult,
+    PBRFResult,
+    auc,
+    fraction_found,
+    lds,
+    loo_correlation,
+    mean_spearman,
+)
 from ..profiling import peak_memory
 from ..task import Task
-from .metrics import auc, fraction_found, lds, loo_correlation, mean_spearman
-from .pbrf import PBRFResult
-from .retrain import LDSResult, LOOResult
 
 
 @dataclass
