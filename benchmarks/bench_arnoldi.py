@@ -3,7 +3,7 @@
 Measures, side by side in one run and with one thread for every method (this machine is shared;
 two threads under contention are far noisier):
 - one training epoch (the unit of the projection target);
-- ABIF, default variant (horizon) and plain top-k: eigenbasis fit (Hessian streamed over all
+- ABIF, default filter (horizon) and plain top-k: eigenbasis fit (Hessian streamed over all
   4,000 examples), train projections, 100 queries — wall time and peak memory of each stage;
 - the projection method chosen (per-example gradients × basis vs rank forward-mode JVPs);
 - GradDot (100 queries), LiSSA and CG (a few queries; per-query cost);
@@ -105,19 +105,22 @@ def one_epoch_seconds(model: torch.nn.Module, train: tuple) -> float:
 def reference(w: dict, out: Path, rank: int, iterations: int) -> ik.ArnoldiInfluence:
     """Full-batch ABIF: every Arnoldi step on all 4,000 examples (stored; computed once)."""
     task = ik.ClassificationTask(w["model"])
-    est = ik.ArnoldiInfluence(task, rank=rank, iterations=iterations, hessian_set="full",
-                              which="magnitude", variant="topk", micro_batch_size=500,
-                              store=out / "reference-store", progress=True)
+    solver = ik.Eigensolver(which="magnitude", sampling="full", micro_batch_size=500)
+    est = ik.ArnoldiInfluence(task, rank=rank, iterations=iterations, filter="topk",
+                              solver=solver, store=out / "reference-store", progress=True)
     return est.fit(w["train"])
 
 
 def abif_stages(task: ik.Task, w: dict, row: dict, **kw) -> ik.ArnoldiInfluence:
+    """``Estimator.fit`` split in its two stages (eigenbasis, stored train features), each
+    timed alone, then the queries."""
     est = ik.ArnoldiInfluence(task, **kw)
-    with measured(row, "fit"):
-        est.eigen = est._eigenbasis(w["train"])  # stage 1 alone, for the timing split
+    task.check_batch(tuple(t[:est.batch_size] for t in w["train"]))  # as fit() does
     est.train, est.n_train = w["train"], len(w["train"][1])
+    with measured(row, "fit"):
+        est._fit(w["train"])  # eigenbasis and filter weights
     with measured(row, "projection"):
-        est._projections = est._train_projections(w["train"])
+        est._features = est._train_features(w["train"], stored=True)
     with measured(row, "query"):
         row["scores"] = est.scores(w["queries"])
     row["projection_method"] = est.projection_method
@@ -132,16 +135,17 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b.T).pow(2).sum() / min(a.shape[0], b.shape[0]))
 
 
-def restricted_scores(ref: ik.ArnoldiInfluence, idx: torch.Tensor, variant: str, w: dict,
+def restricted_scores(ref: ik.ArnoldiInfluence, idx: torch.Tensor, filt: str, w: dict,
                       base: dict) -> torch.Tensor:
-    """Scores from the reference's eigenpairs ``idx`` under ``variant`` (projections reused)."""
+    """Scores from the reference's eigenpairs ``idx`` under the filter ``filt`` (the stored
+    projections reused; a filter with a complement streams the training gradients)."""
     from influencekit.curvature import Eigenpairs
-    from influencekit.estimators.arnoldi import _Projections
+    from influencekit.estimators.features import TrainFeatures
 
-    est = ik.ArnoldiInfluence(ref.task, variant=variant, **base)
+    est = ik.ArnoldiInfluence(ref.task, filter=filt, **base)
     est.eigen = Eigenpairs(ref.eigen.values[idx], ref.eigen.vectors[idx])
-    g = torch.cat([c["G"] for c in ref._projections])[:, idx]
-    est._projections = _Projections(chunks=[{"G": g}])
+    est._weights = est.filter.weights(est.eigen.values, est.damping)
+    est._features = TrainFeatures(chunks=[{"G": ref.train_projections()[:, idx]}])
     est.train, est.n_train = w["train"], len(w["train"][1])
     est.projection_method = ref.projection_method
     return est.scores(w["queries"])
@@ -166,7 +170,8 @@ def main() -> None:
     ap.add_argument("--compare-hessian", type=int, default=1000,
                     help="examples other libraries' Arnoldi sees per Hessian product")
     ap.add_argument("--sweep", default="64",
-                    help="extra hessian_batch_size values for the default variant (quality/time)")
+                    help="extra Eigensolver(batch=...) values (examples per Arnoldi step) "
+                    "for the default filter (quality/time)")
     ap.add_argument("--skip", default="", help="comma list: lissa,cg,graddot,topk,sweep")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -190,20 +195,20 @@ def main() -> None:
     res["epoch_s"] = one_epoch_seconds(w["model"], w["train"])
     print(f"one training epoch: {res['epoch_s']:.2f} s", flush=True)
 
-    # ABIF: default variant (horizon) and the paper's top-k, both streamed
+    # ABIF: default filter (horizon) and the paper's top-k, both streamed
     base = dict(rank=args.rank, iterations=args.iterations)
     rows["abif"] = {}
     est = abif_stages(task, w, rows["abif"], **base)
     print("abif", {k: v for k, v in rows["abif"].items() if k != "scores"}, flush=True)
     if "topk" not in skip:
         rows["abif-topk"] = {}
-        top = abif_stages(task, w, rows["abif-topk"], variant="topk", **base)
+        top = abif_stages(task, w, rows["abif-topk"], filter="topk", **base)
         print("abif-topk", {k: v for k, v in rows["abif-topk"].items() if k != "scores"},
               flush=True)
 
     for b in filter(None, args.sweep.split(",")):
-        rows[f"abif-hb{b}"] = {"hessian_batch_size": int(b)}
-        abif_stages(task, w, rows[f"abif-hb{b}"], hessian_batch_size=int(b), **base)
+        rows[f"abif-hb{b}"] = {"batch": int(b)}
+        abif_stages(task, w, rows[f"abif-hb{b}"], solver=ik.Eigensolver(batch=int(b)), **base)
 
     # reference (full-batch ABIF, all Ritz pairs), from the cache
     ref_ref: dict[str, torch.Tensor] = {}
@@ -237,8 +242,12 @@ def main() -> None:
     res["damping_lissa_cg"] = damping
     if "lissa" not in skip:
         rows["lissa"] = {"n_queries": args.lissa_queries, "depth": args.lissa_depth}
+        # scale from the Arnoldi eigenvalue; the damping is 1% of |λ|max, so H + λI may be
+        # indefinite on this CNN: the fit-time definiteness check (two power iterations of 30
+        # full-batch products) is skipped, as before it existed.
         lissa = ik.LiSSAInfluence(task, damping=damping, depth=args.lissa_depth,
-                                  scale=1.5 * (lam_max + damping), hessian_batch_size=64)
+                                  scale=1.5 * (lam_max + damping), curvature_batch=64,
+                                  check_definite=False)
         q = (w["queries"][0][:args.lissa_queries], w["queries"][1][:args.lissa_queries])
         with measured(rows["lissa"], "fit"):
             lissa.fit(w["train"])
@@ -252,7 +261,7 @@ def main() -> None:
         rows["cg"] = {"n_queries": args.cg_queries, "iterations": args.cg_iterations,
                       "curvature": "ggn"}
         cg = ik.CGInfluence(task, damping=damping, curvature="ggn",
-                            max_iter=args.cg_iterations, hessian_batch_size=500)
+                            max_iter=args.cg_iterations, micro_batch_size=500)
         q = (w["queries"][0][:args.cg_queries], w["queries"][1][:args.cg_queries])
         cg.fit(w["train"])
         with measured(rows["cg"], "query"):
@@ -321,7 +330,7 @@ def report(res: dict, args: argparse.Namespace) -> None:
         note = ""
         if name.startswith("abif"):
             note = (f"projection by {r['projection_method']}; Hessian "
-                    f"{r['info']['hessian_batch_size']}/iteration")
+                    f"{r['info']['batch']}/iteration")
         elif "total_s" in r:
             note = (f"total {r['total_s']:.1f} s = {r['total_s'] / abif_total:.1f}× ABIF "
                     f"pipeline; Hessian on {r['hessian_examples']}")

@@ -27,7 +27,7 @@ from influencekit.profiling import peak_memory  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/out/arnoldi"))
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "arnoldi")
     p.add_argument("--sketch", default="4096,16384", help="sketch dimensions, comma-separated")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()

@@ -8,6 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Every test uses tiny tensors: one torch thread avoids synchronisation overhead, which on
+    a shared 2-core machine made some tests 10× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def fit_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn,
                    l2: float, weights: torch.Tensor | None = None, iters: int = 200) -> nn.Module:
     """Minimise mean(w_i·loss_i) + l2/2·‖θ‖² with L-BFGS to high precision (in place)."""

@@ -34,16 +34,6 @@ from influencekit.store import Artifact
 FULL = Eigensolver(sampling="full")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids synchronisation overhead (and noisy neighbours)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-
 def _sym(values: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=g,
@@ -388,3 +378,26 @@ def test_sketched_complement_converges_to_exact_and_stays_consistent(tiny, tmp_p
     assert torch.equal(again.scores((x[:7], y[:7])), narrow.scores((x[:7], y[:7])))
     with pytest.raises(ik.InputError, match="sketch"):
         ik.ArnoldiInfluence(task, sketch=0)
+
+
+def test_store_refuses_a_changed_loss_or_architecture(tmp_path):
+    """The reliability issue's worst case: a stored eigenbasis reused after the loss (label
+    smoothing) or the architecture (Tanh → ReLU, same state_dict) changed gave scores off by
+    orders of magnitude. Now it is refused, naming what changed."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    tanh = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    relu = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    relu.load_state_dict(tanh.state_dict())
+    kw = dict(rank=3, iterations=10, damping=0.1, solver=FULL, store=tmp_path)
+    ik.ArnoldiInfluence(ik.ClassificationTask(tanh), **kw).fit((x, y))
+
+    def smoothed(outputs, batch):
+        return F.cross_entropy(outputs, batch[1], reduction="none", label_smoothing=0.1)
+
+    with pytest.raises(ik.ArtifactError, match="stale.*task"):
+        ik.ArnoldiInfluence(ik.Task(tanh, loss=smoothed), **kw).fit((x, y))
+    with pytest.raises(ik.ArtifactError, match="stale.*architecture"):
+        ik.ArnoldiInfluence(ik.ClassificationTask(relu), **kw).fit((x, y))

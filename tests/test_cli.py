@@ -4,7 +4,6 @@ flag and exit status 2, never a traceback; unknown methods fail before anything 
 from __future__ import annotations
 
 import pytest
-import torch
 
 import influencekit.experiments.evaluate as evaluate
 from influencekit.cli import main
@@ -97,16 +96,7 @@ def test_demo_top_cannot_exceed_the_training_set(capsys):
     assert "--top 6 exceeds --n-train 5" in capsys.readouterr().err
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread is faster, and steady on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_demo_finds_flipped_labels(one_thread, capsys):
+def test_demo_finds_flipped_labels(capsys):
     assert main(["demo", "--queries", "1", "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "99-parameter MLP on 300 points" in out and "Query 0" in out

@@ -239,3 +239,17 @@ def test_non_loss_measurements_with_every_estimator(mlp, measurement, name):
     kw = {"lissa": {"curvature_batch": None, "depth": 150}}.get(name, {})
     est = ik.METHODS[name](task, damping=damping, **kw).fit(train)
     assert rel_error(est.scores(q), exact) < (1e-4 if name == "lissa" else 1e-6)
+
+
+def test_exact_takes_any_spectral_filter(mlp):
+    """The horizon filter on the full spectrum: one step of rate η is η·GradDot; many steps at a
+    stable rate converge to the damped inverse."""
+    task, x, y, damping = mlp
+    q, train = (x[:4], y[:4]), (x, y)
+    one_step = ik.ExactInfluence(task, filter=ik.HorizonFilter(0.3, 1)).fit(train)
+    assert rel_error(one_step.scores(q), 0.3 * ik.GradDot(task).scores(q, train)) < 1e-10
+    inverse = ik.ExactInfluence(task, damping=damping).fit(train)
+    lam_max = float(inverse.eigenvalues.max()) + damping
+    long_run = ik.ExactInfluence(task, damping=damping,
+                                 filter=ik.HorizonFilter(1 / lam_max, 10**6)).fit(train)
+    assert rel_error(long_run.scores(q), inverse.scores(q)) < 1e-8

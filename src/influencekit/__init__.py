@@ -10,6 +10,7 @@ Sign convention: ``score(q, x) = ∇m(q)ᵀ (H + λI)⁻¹ ∇ℓ(x)``; up-weigh
 """
 
 from . import data as data  # built-in datasets: ik.data.load("digits")
+from . import dynamics as dynamics  # twin runs, fading, unrolled influence
 from . import models as models  # built-in models: ik.models.build("mlp", ...)
 from .curvature import CurvatureOperator, Eigensolver, HorizonFilter, InverseFilter
 from .errors import ArtifactError, CurvatureError, InfluenceError, InputError, NumericalError
@@ -17,12 +18,16 @@ from .estimators import (
     METHODS,
     ArnoldiInfluence,
     CGInfluence,
+    EKFACInfluence,
     Estimator,
     ExactInfluence,
     GradCos,
     GradDot,
+    KFACInfluence,
     LiSSAInfluence,
     TopK,
+    TracIn,
+    TRAKInfluence,
 )
 from .task import ClassificationTask, Task
 
@@ -30,7 +35,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "ArnoldiInfluence", "ArtifactError", "CGInfluence", "ClassificationTask",
-    "CurvatureError", "CurvatureOperator", "Eigensolver", "Estimator", "ExactInfluence",
-    "GradCos", "GradDot", "HorizonFilter", "InfluenceError", "InputError", "InverseFilter",
-    "LiSSAInfluence", "NumericalError", "Task", "TopK",
+    "CurvatureError", "CurvatureOperator", "EKFACInfluence", "Eigensolver", "Estimator",
+    "ExactInfluence", "GradCos", "GradDot", "HorizonFilter", "InfluenceError", "InputError",
+    "InverseFilter", "KFACInfluence", "LiSSAInfluence", "NumericalError", "Task", "TopK",
+    "TracIn", "TRAKInfluence",
 ]

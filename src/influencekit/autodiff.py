@@ -31,9 +31,9 @@ from .batching import (
     to_device,
     tree_map,
 )
-from .errors import InputError, check_finite
+from .errors import check_finite
 from .progress import progress_bar
-from .task import Task
+from .task import Task, output_tensor
 from .validate import choice
 
 CURVATURES = ("hessian", "ggn")
@@ -134,14 +134,7 @@ def curvature_vp(task: Task, batch: Batch, vectors: torch.Tensor,
 
     def ggn_one(v: torch.Tensor) -> torch.Tensor:
         def outputs(th: dict[str, torch.Tensor]) -> torch.Tensor:
-            out = task.outputs(th, batch)
-            if not isinstance(out, torch.Tensor):
-                out = getattr(out, "logits", None)
-                if out is None:
-                    raise InputError(
-                        "curvature='ggn' needs the forward to return a tensor (or .logits)."
-                    )
-            return out
+            return output_tensor(task.outputs(th, batch))
 
         out, jv = jvp(outputs, (theta,), (layout.unflatten(v),))
         _, hjv = jvp(grad(lambda o: task.loss_fn(o, batch).sum()), (out,), (jv,))

@@ -18,6 +18,8 @@ from .errors import InfluenceError
 SUBCOMMANDS = {
     "demo": "influencekit.experiments.demo",
     "evaluate": "influencekit.experiments.evaluate",
+    "reproduce": "influencekit.experiments.reproduce",
+    "dynamics": "influencekit.experiments.dynamics",
 }
 
 

@@ -275,24 +275,24 @@ def select_params(model: nn.Module, spec: ParamSpec) -> list[str]:
 
 def cross_entropy(outputs: Any, batch: Batch) -> torch.Tensor:
     """Per-example cross-entropy of logits (or ``.logits``) against ``batch[1]``."""
-    return F.cross_entropy(_logits(outputs), batch[1], reduction="none")
+    return F.cross_entropy(output_tensor(outputs), batch[1], reduction="none")
 
 
-def _logits(outputs: Any) -> torch.Tensor:
+def output_tensor(outputs: Any) -> torch.Tensor:
+    """The model's output as a tensor: itself, or its ``.logits`` (a Hugging Face output)."""
     if isinstance(outputs, torch.Tensor):
         return outputs
     logits = getattr(outputs, "logits", None)  # Hugging Face ModelOutput
     if logits is None:
         raise InputError(
-            "the model's output is not a tensor of logits and has no .logits; "
-            "give ClassificationTask a forward= that returns logits."
-        )
+            f"the model's output ({type(outputs).__name__}) is not a tensor and has no .logits; "
+            "give the task a forward= that returns a tensor (e.g. the logits).")
     return logits
 
 
 def margin_loss(outputs: Any, batch: Batch) -> torch.Tensor:
     """Negative margin ``−(z_y − logsumexp_{c≠y} z_c)``: lower is better, like a loss."""
-    logits = _logits(outputs)
+    logits = output_tensor(outputs)
     y = batch[1]
     correct = logits.gather(1, y[:, None]).squeeze(1)
     is_label = torch.arange(logits.shape[1], device=logits.device) == y[:, None]
@@ -349,7 +349,7 @@ class ClassificationTask(Task):
             self._check_dtypes(batch)
             with torch.no_grad(), self.evaluating():
                 out = self._probe(lambda: self.outputs(self.theta(), batch), "outputs")
-                self._num_classes = _logits(out).shape[-1]
+                self._num_classes = output_tensor(out).shape[-1]
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self._num_classes):
             raise InputError(
                 f"labels must lie in [0, {self._num_classes}) (the model has "
@@ -360,7 +360,7 @@ class ClassificationTask(Task):
     def predict(self, inputs: Any) -> torch.Tensor:
         """Predicted classes for a batch of inputs."""
         with torch.no_grad(), self.evaluating():
-            return _logits(self.outputs(self.theta(), (inputs,))).argmax(-1)
+            return output_tensor(self.outputs(self.theta(), (inputs,))).argmax(-1)
 
 
 def _classification_measurement(m: str | tuple[str, int] | LossFn) -> LossFn:
@@ -372,7 +372,7 @@ def _classification_measurement(m: str | tuple[str, int] | LossFn) -> LossFn:
         return margin_loss
     if isinstance(m, tuple) and len(m) == 2 and m[0] == "logit":
         c = int(m[1])
-        return lambda outputs, batch: -_logits(outputs)[:, c]
+        return lambda outputs, batch: -output_tensor(outputs)[:, c]
     raise InputError(
         f"unknown measurement {m!r}: use 'loss', 'margin', ('logit', class) or a function "
         "(outputs, batch) -> Tensor[B]."

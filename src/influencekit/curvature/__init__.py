@@ -8,6 +8,7 @@
 """
 
 from .arnoldi import Eigensolver, arnoldi, curvature_eigenpairs, distill, top_eigenpairs
+from .kfac import FISHERS, KroneckerCurvature, KroneckerLayer, find_layers
 from .operator import SAMPLINGS, CurvatureOperator, dense_curvature
 from .spectral import (
     Eigenpairs,
@@ -19,7 +20,8 @@ from .spectral import (
 )
 
 __all__ = [
-    "SAMPLINGS", "CurvatureOperator", "Eigenpairs", "Eigensolver", "HorizonFilter",
-    "InverseFilter", "SpectralFilter", "arnoldi", "as_filter", "curvature_eigenpairs",
-    "dense_curvature", "distill", "horizon_filter", "top_eigenpairs",
+    "FISHERS", "SAMPLINGS", "CurvatureOperator", "Eigenpairs", "Eigensolver", "HorizonFilter",
+    "InverseFilter", "KroneckerCurvature", "KroneckerLayer", "SpectralFilter", "arnoldi",
+    "as_filter", "curvature_eigenpairs", "dense_curvature", "distill", "find_layers",
+    "horizon_filter", "top_eigenpairs",
 ]

@@ -145,25 +145,17 @@ def distill(krylov: Krylov, rank: int, which: str = "magnitude",
             eigenvalues only; fewer than ``rank`` when the operator has fewer).
         dtype: of the returned eigenvectors (default: the basis's).
     """
-    if which not in WHICH:
-        raise InputError(f"which must be one of {WHICH}, got {which!r}.")
-    if rank < 1:
-        raise InputError(f"rank must be a positive integer, got {rank}.")
+    rank = positive_int("rank", rank)
     n = krylov.applied
     a = krylov.projected[:n, :n]
     values, u = torch.linalg.eigh((a + a.T) / 2)
-    if which == "positive":
-        order = torch.argsort(values, descending=True)
-        order = order[values[order] > 0]
-    else:
-        order = torch.argsort(values.abs(), descending=True)
-    order = order[:rank]
+    ritz = Eigenpairs(values, u.T).select(rank, which)  # eigenvectors in Krylov coordinates
     basis = krylov.basis[:n]
-    vectors = (u[:, order].T.to(basis.device, torch.float64) @ basis.to(torch.float64))
+    vectors = ritz.vectors.to(basis.device, torch.float64) @ basis.to(torch.float64)
     vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-300)
     info = {"krylov_dim": n, "stopped_early": krylov.stopped_early,
             "ritz_values": values.flip(0).tolist()}
-    return Eigenpairs(values[order].clone(), vectors.to(dtype or basis.dtype), info)
+    return Eigenpairs(ritz.values, vectors.to(dtype or basis.dtype), info)
 
 
 def top_eigenpairs(matvec: MatVec, dim: int, rank: int, iterations: int | None = None, *,

@@ -6,7 +6,10 @@ from functools import partial
 from .arnoldi import ArnoldiInfluence
 from .base import Estimator, TopK
 from .classic import CGInfluence, ExactInfluence, GradCos, GradDot, LiSSAInfluence
+from .ekfac import EKFACInfluence, KFACInfluence
 from .features import TrainFeatures
+from .tracin import TracIn
+from .trak import TRAKInfluence
 
 # name -> estimator factory ``(task, **options) -> Estimator``, for the CLI and the evaluation
 # harness (later estimators register here).
@@ -19,9 +22,14 @@ METHODS: dict[str, Callable[..., Estimator]] = {
     "arnoldi": ArnoldiInfluence,
     "arnoldi-topk": partial(ArnoldiInfluence, filter="topk"),
     "arnoldi-complement": partial(ArnoldiInfluence, filter="complement"),
+    "ekfac": EKFACInfluence,
+    "kfac": KFACInfluence,
+    "tracin": TracIn,
+    "trak": TRAKInfluence,
 }
 
 __all__ = [
-    "METHODS", "ArnoldiInfluence", "CGInfluence", "Estimator", "ExactInfluence", "GradCos",
-    "GradDot", "LiSSAInfluence", "TopK", "TrainFeatures",
+    "METHODS", "ArnoldiInfluence", "CGInfluence", "EKFACInfluence", "Estimator",
+    "ExactInfluence", "GradCos", "GradDot", "KFACInfluence", "LiSSAInfluence", "TRAKInfluence",
+    "TopK", "TracIn", "TrainFeatures",
 ]

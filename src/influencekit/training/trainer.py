@@ -251,6 +251,9 @@ class Trainer:
         if index >= self.total_steps:
             raise InputError(f"step index {index} is past the schedule ({self.total_steps} "
                              "steps).")
+        return self._plan(index)
+
+    def _plan(self, index: int) -> PlannedStep:
         epoch, b = divmod(index, self.steps_per_epoch)
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, batch_schedule(self.n, self.config.batch_size,
@@ -303,7 +306,7 @@ class Trainer:
         return self
 
     def _take_step(self) -> StepInfo:
-        plan = self.plan(self._step)
+        plan = self._plan(self._step)
         for group in self.optimizer.param_groups:
             group["lr"] = plan.lr
         self.optimizer.zero_grad(set_to_none=False)

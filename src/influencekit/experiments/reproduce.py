@@ -1,0 +1,302 @@
+"""``influencekit reproduce``: the paper's study end to end, as a browsable report.
+
+Stages (each cached under ``OUT/stages`` and skipped when rerun with the same settings, so an
+interrupted run picks up where it stopped and a finished one only rebuilds the report):
+
+  models       train the built-in image model on mnist; report its test accuracy
+  estimators   ``influencekit evaluate`` on the digits MLP: every estimator against
+               leave-one-out and LDS ground truth, with its cost
+  spectrum     both ends of the curvature spectrum of the mnist model (Arnoldi Ritz values)
+  gallery      test queries (correct and mis-predicted) with their top proponents/opponents
+  divergence, fading, correction, diagnostics
+               appear as their modules land (issues 11, 12, 13); until then the report says so
+
+Writes ``OUT/results.json`` (schema below, ``schema_version`` 1) and ``OUT/index.html``
+(self-contained: figures inline). Presets: ``quick`` (a few minutes on 2 CPU cores), ``paper``
+(the full sizes), ``tiny`` (seconds; for tests).
+
+results.json: ``{"schema_version", "title", "preset", "settings", "total_seconds",
+"sections": {"environment", "models", "estimators", "spectrum", "gallery", "divergence",
+"fading", "correction", "diagnostics"}}``; each section has ``"status"`` (``"done"`` or
+``"pending"`` with a ``"reason"``) and, when done, ``"seconds"`` and its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from .. import data as ik_data
+from .. import models as ik_models
+from ..curvature import Eigensolver, curvature_eigenpairs
+from ..estimators import ArnoldiInfluence
+from ..groundtruth import Cache
+from ..progress import progress_bar
+from ..report import figures as figs
+from ..report.html import render
+from ..store import atomic_write, atomic_write_text, hash_value
+from ..task import ClassificationTask
+from ..training import TrainConfig, train
+from .arguments import count, folder
+
+SCHEMA_VERSION = 1
+SECTIONS = ("environment", "models", "estimators", "spectrum", "gallery", "divergence",
+            "fading", "correction", "diagnostics")
+PENDING = {
+    "divergence": "Twin runs and parameter divergence arrive with the training-dynamics module "
+                  "(issue 11).",
+    "fading": "Influence fading and the influence horizon arrive with the training-dynamics "
+              "module (issue 11).",
+    "correction": "Correcting mis-predictions arrives with ik.correct (issue 12).",
+    "diagnostics": "The five-assumption diagnostics arrive with ik.diagnose (issue 13).",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one study."""
+
+    digits_n_train: int | None  # None: the whole split (1,438)
+    n_queries: int
+    n_removed: int
+    lds_subsets: int
+    methods: str
+    mnist_model: str
+    mnist_n_train: int
+    mnist_epochs: int
+    gallery_queries: int
+    gallery_top: int
+    spectrum_iterations: int
+
+
+PRESETS = {
+    "tiny": Preset(200, 8, 6, 6, "exact:curvature=ggn,arnoldi,graddot", "cnn", 400, 1, 2, 3,
+                   20),
+    "quick": Preset(None, 50, 20, 20,
+                    "exact:curvature=ggn,cg:curvature=ggn,arnoldi,arnoldi-topk,"
+                    "arnoldi-complement,graddot,gradcos", "cnn", 4000, 3, 6, 4, 100),
+    "paper": Preset(None, 100, 40, 50,
+                    "exact:curvature=ggn,exact,cg:curvature=ggn,lissa:curvature=ggn,arnoldi,"
+                    "arnoldi-topk,arnoldi-complement,graddot,gradcos", "resnet", 4000, 8, 8, 5,
+                    200),
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reproduce", help="run the paper's study on the built-in data and write an HTML report",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                   help="study size (default: quick)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="device for the mnist stages (default: cpu)")
+    p.add_argument("--out", type=folder, default=Path("runs/reproduce"),
+                   help="output folder (default: runs/reproduce)")
+    p.add_argument("--threads", type=count(1), default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(run=run)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Study:
+    """The stages of one run, cached as JSON under ``out/stages`` and figures under
+    ``out/figures``."""
+
+    def __init__(self, out: Path, preset_name: str, device: str, progress: bool | None):
+        self.out = out
+        self.preset_name = preset_name
+        self.preset = PRESETS[preset_name]
+        self.device = torch.device(device)
+        self.progress = progress
+        self.cache = Cache(out / "cache")
+        self.key = hash_value(asdict(self.preset), __version__)[:16]
+        self._mnist: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ caching
+    def stage(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        path = self.out / "stages" / f"{name}.json"
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            if cached.get("key") == self.key:
+                _log(f"[{name}] cached")
+                return cached["result"]
+        _log(f"[{name}] running")
+        t0 = time.perf_counter()
+        result = {"status": "done", **compute()}
+        result["seconds"] = time.perf_counter() - t0
+        atomic_write_text(json.dumps({"key": self.key, "result": result}, default=float),
+                          path)
+        _log(f"[{name}] done in {result['seconds']:.0f} s")
+        return result
+
+    def save_figure(self, name: str, png: bytes) -> str:
+        atomic_write(self.out / "figures" / f"{name}.png", png)
+        return name
+
+    # ------------------------------------------------------------------ mnist model
+    def mnist(self) -> dict[str, Any]:
+        """The mnist split and the trained model (cached)."""
+        if self._mnist is None:
+            p = self.preset
+            d = ik_data.load("mnist", n_train=p.mnist_n_train)
+            cfg = TrainConfig(epochs=p.mnist_epochs, batch_size=64, lr=0.05, schedule="cosine",
+                              weight_decay=5e-4, seed=0, init_seed=0)
+
+            def builder() -> torch.nn.Module:
+                return ik_models.build(p.mnist_model, num_classes=d.num_classes)
+
+            key = hash_value(p.mnist_model, p.mnist_n_train, asdict(cfg))[:16]
+            state = self.cache.get_or_compute("models", key, lambda: train(
+                builder, d.train, cfg, progress=self.progress).model.state_dict())
+            model = builder()
+            model.load_state_dict(state)
+            model = model.to(self.device).eval()
+            self._mnist = {"data": d, "model": model, "config": cfg}
+        return self._mnist
+
+    # ------------------------------------------------------------------ stages
+    def models(self) -> dict[str, Any]:
+        m = self.mnist()
+        task = ClassificationTask(m["model"])
+        d = m["data"]
+        x, y = (t.to(self.device) for t in d.test)
+        acc = float((task.predict(x) == y).float().mean())
+        return {"rows": [{"name": self.preset.mnist_model, "dataset": "mnist",
+                          "params": task.num_params, "n_train": len(d.train[1]),
+                          "test_accuracy": acc, "epochs": m["config"].epochs}]}
+
+    def estimators(self) -> dict[str, Any]:
+        from ..cli import main
+
+        p = self.preset
+        out = self.out / "evaluate"
+        argv = ["evaluate", "--dataset", "digits", "--model", "mlp", "--methods", p.methods,
+                "--n-queries", str(p.n_queries), "--n-removed", str(p.n_removed),
+                "--lds-subsets", str(p.lds_subsets), "--ground-truth", "loo-warm,lds,mislabel",
+                "--out", str(out), "--cache-dir", str(self.out / "cache")]
+        if p.digits_n_train:
+            argv += ["--n-train", str(p.digits_n_train)]
+        if self.progress is False:
+            argv.append("--no-progress")
+        if main(argv) != 0:
+            raise RuntimeError("influencekit evaluate failed; see the messages above.")
+        report = json.loads((out / "results.json").read_text())
+        from .evaluate import COLUMNS
+
+        self.save_figure("quality_vs_cost", figs.quality_vs_cost(report["results"]))
+        model = report["model"]
+        return {
+            "rows": report["results"], "columns": COLUMNS, "command": report["command"],
+            "model": model,
+            "setup": (f"Digits MLP ({model['params']} parameters, test accuracy "
+                      f"{model['test_accuracy']:.3f}), {report['n_train']} training examples, "
+                      f"{report['n_queries']} queries; LOO warm = leave-one-out retrained from "
+                      f"θ*, LDS over {p.lds_subsets} random half-subsets, mislabel AUC with 10% "
+                      "flipped labels. Correlations are Spearman per query, averaged."),
+        }
+
+    def spectrum(self) -> dict[str, Any]:
+        m = self.mnist()
+        task = ClassificationTask(m["model"])
+        d = m["data"]
+        train_data = tuple(t.to(self.device) for t in d.train)
+        it = self.preset.spectrum_iterations
+        pairs = curvature_eigenpairs(task, train_data, it, it, curvature="hessian",
+                                     solver=Eigensolver(which="magnitude"),
+                                     progress=self.progress)
+        ritz = [float(v) for v in pairs.info["ritz_values"]]
+        self.save_figure("spectrum", figs.spectrum(
+            ritz, f"Hessian Ritz values, {self.preset.mnist_model} on mnist ({it} Arnoldi "
+                  "steps)"))
+        neg = [v for v in ritz if v < 0]
+        return {"ritz_values": ritz, "largest": max(ritz), "most_negative": min(ritz),
+                "negative_fraction": len(neg) / len(ritz),
+                "note": (f"Largest Ritz value {max(ritz):.3g}, most negative {min(ritz):.3g}; "
+                         f"{len(neg)} of {len(ritz)} Ritz values are negative: the Hessian at "
+                         "the trained parameters is indefinite, so damping (or the GGN, or a "
+                         "filter that keeps positive eigenvalues) is needed to invert it.")}
+
+    def gallery(self) -> dict[str, Any]:
+        m = self.mnist()
+        task = ClassificationTask(m["model"])
+        d = m["data"]
+        train_data = tuple(t.to(self.device) for t in d.train)
+        xq, yq = (t.to(self.device) for t in d.test)
+        pred = task.predict(xq)
+        p = self.preset
+        half = max(1, p.gallery_queries // 2)
+        wrong = (pred != yq).nonzero().squeeze(1)[:half].tolist()
+        right = (pred == yq).nonzero().squeeze(1)[:p.gallery_queries - len(wrong)].tolist()
+        chosen = right + wrong
+        est = ArnoldiInfluence(task, damping=m["config"].weight_decay, progress=self.progress)
+        est.fit(train_data)
+        q = (xq[chosen], yq[chosen])
+        top = est.top_k(q, k=p.gallery_top)
+        queries = []
+        for row, qi in enumerate(progress_bar(chosen, desc="gallery", progress=self.progress)):
+            entry = {"index": qi, "label": int(yq[qi]), "predicted": int(pred[qi]),
+                     "image": self.save_figure(f"query-{qi}", figs.thumbnail(xq[qi]))}
+            for kind, idx, sc in (("proponents", top.proponents, top.proponent_scores),
+                                  ("opponents", top.opponents, top.opponent_scores)):
+                entry[kind] = [{"index": int(i), "label": int(d.train[1][i]),
+                                "score": float(s),
+                                "image": self.save_figure(f"train-{int(i)}",
+                                                          figs.thumbnail(d.train[0][i]))}
+                               for i, s in zip(idx[row], sc[row])]
+            queries.append(entry)
+        return {"queries": queries, "estimator": repr(est),
+                "note": (f"Default ArnoldiInfluence on the {p.mnist_model} "
+                         f"({len(right)} correct and {len(wrong)} mis-predicted test queries). "
+                         "Proponents share the query's label and look like it; a mis-predicted "
+                         "query's proponents often carry the wrong (predicted) label.")}
+
+
+def environment(device: str, threads: int) -> dict[str, Any]:
+    import numpy
+
+    return {"status": "done", "influencekit": __version__, "torch": torch.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "device": device, "threads": threads,
+            "seeds": {"split": 0, "init": 0, "order": 0}}
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("influencekit reproduce: --device cuda, but no CUDA device is available; use "
+              "--device cpu.", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    study = Study(out, args.preset, args.device, False if args.no_progress else None)
+    sections: dict[str, Any] = {"environment": environment(args.device,
+                                                           torch.get_num_threads())}
+    for name in ("models", "estimators", "spectrum", "gallery"):
+        sections[name] = study.stage(name, getattr(study, name))
+    for name, reason in PENDING.items():
+        sections[name] = {"status": "pending", "reason": reason}
+    results = {"schema_version": SCHEMA_VERSION,
+               "title": "what influence functions do on these models",
+               "preset": args.preset, "settings": asdict(study.preset),
+               "total_seconds": time.perf_counter() - t0, "sections": sections}
+    atomic_write_text(json.dumps(results, indent=1, default=float), out / "results.json")
+    figures = {f.stem: f.read_bytes() for f in sorted((out / "figures").glob("*.png"))}
+    page = render(results, figures, out)
+    _log(f"report: {page} (results: {out / 'results.json'}; "
+         f"{results['total_seconds']:.0f} s)")
+    return 0

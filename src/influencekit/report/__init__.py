@@ -1,0 +1,1 @@
+"""The report: ``results.json`` → a self-contained ``index.html`` with figures and tables."""

@@ -1,0 +1,135 @@
+"""``results.json`` → one self-contained ``index.html`` (figures inline as data URIs; no network).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..store import atomic_write_text
+
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1080px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
+td,th{border:1px solid #ddd;padding:.3em .6em;text-align:right}
+td:first-child,th:first-child{text-align:left}
+.pending{color:#888;font-style:italic} .note{color:#555;font-size:.92em}
+.gallery td{text-align:center;vertical-align:top} .gallery img{width:56px;height:56px}
+.pro{color:#1a7f37} .opp{color:#b42318} img.fig{max-width:100%}
+"""
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _num(x: Any) -> str:
+    if isinstance(x, bool) or x is None:
+        return "–" if x is None else str(x)
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return "–"
+        return f"{x:.3f}" if abs(x) < 1000 else f"{x:,.0f}"
+    return _esc(x)
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for _, h in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_num(r.get(k))}</td>" for k, _ in columns) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def figure(figures: dict[str, bytes], name: str, alt: str) -> str:
+    if name not in figures:
+        return ""
+    return f'<p><img class="fig" alt="{_esc(alt)}" src="{data_uri(figures[name])}"></p>'
+
+
+def _section(title: str, section: dict[str, Any], body: str) -> str:
+    if section.get("status") != "done":
+        why = section.get("reason", "not computed yet")
+        return f'<h2>{_esc(title)}</h2><p class="pending">{_esc(why)}</p>'
+    secs = section.get("seconds")
+    timing = f'<p class="note">computed in {secs:.0f} s</p>' if secs else ""
+    return f"<h2>{_esc(title)}</h2>{body}{timing}"
+
+
+def render(results: dict[str, Any], figures: dict[str, bytes], out: Path) -> Path:
+    """Write ``out/index.html`` from ``results`` and PNG ``figures`` (name → bytes)."""
+    s = results["sections"]
+    env = s["environment"]
+    parts = [
+        f"<h1>influencekit: {_esc(results['title'])}</h1>",
+        f'<p class="note">preset <b>{_esc(results["preset"])}</b> · influencekit '
+        f'{_esc(env.get("influencekit"))} · torch {_esc(env.get("torch"))} · '
+        f'{_esc(env.get("device"))}, {_esc(env.get("threads"))} threads · '
+        f'{results.get("total_seconds", 0):.0f} s in all · every number is in '
+        '<code>results.json</code></p>',
+        "<p>Influence scores follow one convention: score(q, x) = ∇m(q)ᵀ (H + λI)⁻¹ ∇ℓ(x); "
+        "<span class=pro>positive = proponent</span> (training more on x lowers the query's "
+        "loss), <span class=opp>negative = opponent</span>.</p>",
+    ]
+    models = s["models"]
+    parts.append(_section("Models", models, table(models.get("rows", []), [
+        ("name", "model"), ("dataset", "dataset"), ("params", "parameters"),
+        ("n_train", "train examples"), ("test_accuracy", "test accuracy"),
+        ("seconds", "train seconds")])))
+    est = s["estimators"]
+    est_body = ""
+    if est.get("status") == "done":
+        cols = [("method", "method")] + [(k, h) for k, h in est["columns"]
+                                         if any(k in r for r in est["rows"])]
+        est_body = (f'<p>{_esc(est.get("setup", ""))}</p>' + table(est["rows"], cols)
+                    + figure(figures, "quality_vs_cost", "estimator quality against cost"))
+    parts.append(_section("Estimators against ground truth", est, est_body))
+    spec = s["spectrum"]
+    parts.append(_section("Curvature spectrum", spec,
+                          f'<p>{_esc(spec.get("note", ""))}</p>'
+                          + figure(figures, "spectrum", "curvature spectrum")))
+    gal = s["gallery"]
+    parts.append(_section("Influence gallery", gal, _gallery(gal, figures)))
+    for key, title in (("divergence", "Parameter divergence"), ("fading", "Influence fading"),
+                       ("correction", "Correcting mis-predictions"),
+                       ("diagnostics", "Five-assumption diagnostics")):
+        parts.append(_section(title, s[key], figure(figures, key, title)
+                              + f'<p>{_esc(s[key].get("summary", ""))}</p>'))
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>influencekit "
+            f"report</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    return atomic_write_text(page, out / "index.html")
+
+
+def _gallery(gal: dict[str, Any], figures: dict[str, bytes]) -> str:
+    if gal.get("status") != "done":
+        return ""
+    rows = []
+    for q in gal["queries"]:
+        verdict = "correct" if q["predicted"] == q["label"] else "mis-predicted"
+        cells = [f'<td><img alt="query {q["index"]}" src="{data_uri(figures[q["image"]])}">'
+                 f'<br>query #{q["index"]}<br>label {q["label"]}, predicted {q["predicted"]}'
+                 f"<br><b>{verdict}</b></td>"]
+        for kind, css in (("proponents", "pro"), ("opponents", "opp")):
+            for ex in q[kind]:
+                cells.append(f'<td><img alt="train {ex["index"]}" '
+                             f'src="{data_uri(figures[ex["image"]])}"><br>#{ex["index"]} '
+                             f'label {ex["label"]}<br><span class={css}>{ex["score"]:+.3g}'
+                             "</span></td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    k = len(gal["queries"][0]["proponents"]) if gal["queries"] else 0
+    head = ("<tr><th>query</th>" + f'<th colspan={k} class=pro>top proponents</th>'
+            + f'<th colspan={k} class=opp>top opponents</th></tr>')
+    return (f'<p>{_esc(gal.get("note", ""))}</p><table class=gallery>{head}{"".join(rows)}'
+            "</table>")
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
