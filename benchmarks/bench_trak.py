@@ -94,8 +94,8 @@ def main() -> None:
         per_model = []
         t0 = time.perf_counter()
         for m in members:
-            est = ik.TRAKInfluence(ik.ClassificationTask(m), dim, damping=damping).fit(
-                train_data)
+            est = ik.TRAKInfluence(ik.ClassificationTask(m), dim, damping=damping,
+                                   output="margin").fit(train_data)
             f = est.train_features()
             per_model.append((f.cat("phi0").double(), f.cat("c0"),
                               est.features(queries, "measurement")["phi0"].double()))
@@ -128,7 +128,7 @@ def main() -> None:
             for weights in ("(1-p)^2", "p(1-p)"):
                 rows[f"M={size} kernel weights {weights}"] = lds_of(
                     scores(per_model[:size], weights=weights), gt)
-            for lam in (1e-4, 1e-2, 1e-1):
+            for lam in (1e-6, 1e-4, 1e-2, 1e-1):
                 rows[f"M={size} damping {lam:g}"] = lds_of(scores(per_model[:size], lam=lam), gt)
         out["trak"][dim] = {"lds": rows, "feature_s_per_model": feat_s}
         for k, v in rows.items():

@@ -170,7 +170,7 @@ def logistic():
     return model, (x, y), (x[:7], y[:7])
 
 
-def _closed_form(task, train, queries, damping, r=None, output="margin"):
+def _closed_form(task, train, queries, damping, r=None, output="loss"):
     """Dense ``g_qᵀ R (RᵀΦᵀΦR/N + λI)⁻¹ Rᵀ g_x`` with ``g_x`` the loss gradients."""
     g_q = all_grads(task, queries, kind="measurement")
     g_x = all_grads(task, train)
@@ -194,7 +194,7 @@ def test_trak_exact_gradients_match_the_closed_form(logistic):
         assert rel_error(est.scores(queries), _closed_form(task, train, queries, 1e-3,
                                                            output=output)) < 1e-8
     # the margin identity behind TRAK's (1 − p): ∇ℓ(x) = −(1 − p) ∇f(x) exactly
-    est = TRAKInfluence(task, projection="none")
+    est = TRAKInfluence(task, projection="none", output="margin")
     feats = est.features(train, "loss")
     assert rel_error(feats["c0"][:, None] * feats["phi0"], all_grads(task, train)) < 1e-10
 
@@ -212,9 +212,11 @@ def test_trak_projection_dim_at_least_p(logistic):
     q = (x[:7], data[1][:7])
     assert rel_error(est.scores(q), _closed_form(reg, data, q, 0.0, output="loss")) < 1e-8
     # k ≥ P with damping: the dense closed form in the projected space
-    est = TRAKInfluence(task, 2 * p, damping=1e-3, seed=5).fit(train)
-    r = est.projector().matrix()
-    assert rel_error(est.scores(queries), _closed_form(task, train, queries, 1e-3, r)) < 1e-8
+    for output in ("loss", "margin"):
+        est = TRAKInfluence(task, 2 * p, damping=1e-3, seed=5, output=output).fit(train)
+        r = est.projector().matrix()
+        assert rel_error(est.scores(queries), _closed_form(task, train, queries, 1e-3, r,
+                                                           output)) < 1e-8
     # more dimensions than examples without damping: a clear error
     with pytest.raises(CurvatureError, match="damping"):
         TRAKInfluence(task, 200, damping=0.0).fit((train[0][:20], train[1][:20]))
@@ -224,8 +226,10 @@ def test_trak_ensemble_is_the_mean_of_single_models(small):
     model, train, queries = small
     task = ik.ClassificationTask(model)
     members = [model, _perturbed(model, 7)]
-    ens = TRAKInfluence(task, 24, models=members, damping=1e-2, seed=1).fit(train)
-    singles = [TRAKInfluence(ik.ClassificationTask(m), 24, damping=1e-2, seed=1).fit(train)
+    ens = TRAKInfluence(task, 24, models=members, damping=1e-2, seed=1, output="margin"
+                        ).fit(train)
+    singles = [TRAKInfluence(ik.ClassificationTask(m), 24, damping=1e-2, seed=1,
+                             output="margin").fit(train)
                for m in members]
     mean = sum(s.scores(queries) for s in singles) / 2
     assert rel_error(ens.scores(queries), mean) < 1e-10
@@ -269,7 +273,7 @@ def test_trak_store_reuse_resume_and_stale(small, tmp_path, monkeypatch):
     model, train, queries = small
     task = ik.ClassificationTask(model)
     members = [model, _perturbed(model, 8)]
-    kw = dict(models=members, damping=1e-2, batch_size=10, chunk_size=10)
+    kw = dict(models=members, damping=1e-2, batch_size=10, chunk_size=10, output="margin")
     ref = TRAKInfluence(task, 12, **kw).fit(train).scores(queries)
 
     calls = {"n": 0}

@@ -12,6 +12,7 @@ Sign convention: ``score(q, x) = ∇m(q)ᵀ (H + λI)⁻¹ ∇ℓ(x)``; up-weigh
 from . import data as data  # built-in datasets: ik.data.load("digits")
 from . import dynamics as dynamics  # twin runs, fading, unrolled influence
 from . import models as models  # built-in models: ik.models.build("mlp", ...)
+from . import training as training  # the deterministic trainer: ik.training.train(...)
 from .curvature import CurvatureOperator, Eigensolver, HorizonFilter, InverseFilter
 from .errors import ArtifactError, CurvatureError, InfluenceError, InputError, NumericalError
 from .estimators import (

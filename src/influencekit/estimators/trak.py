@@ -4,22 +4,29 @@ averaged over an ensemble of models, mapped onto the library's sign and scale.
 For each model ``θ_m`` (independently trained models, or checkpoints of one run) and a seeded
 random projection ``R [P, k]``:
 
-- kernel features of the training examples ``φ_m(x) = Rᵀ∇f(x; θ_m)``, where ``f`` is the
-  *output function*: for cross-entropy classification the margin
-  ``f = z_y − logsumexp_{c≠y} z_c`` (so ``p(y|x) = σ(f)``), otherwise the loss itself;
+- kernel features ``φ_m(x) = Rᵀ∇f(x; θ_m)`` of the training examples, with ``f`` the *output
+  function*: ``output="loss"`` (default) the training loss ``ℓ``; ``output="margin"`` (the
+  published TRAK; cross-entropy tasks only) the margin ``f = z_y − logsumexp_{c≠y} z_c``,
+  for which ``p(y|x) = σ(f)`` and ``∇ℓ(x) = −(1 − p) ∇f(x)`` exactly;
 - the after-kernel ``K_m = (1/N) Σ_x φ_m(x) φ_m(x)ᵀ + λI`` ``[k, k]`` (TRAK's ``ΦᵀΦ`` over
   ``N``, with the library's damping);
 - ``score(q, x) = (1/M) Σ_m (Rᵀ∇m(q; θ_m))ᵀ K_m⁻¹ Rᵀ∇ℓ(x; θ_m)``.
 
-With the margin, ``∇ℓ(x) = −(1 − p(y|x)) ∇f(x)`` exactly, so the training side is TRAK's
-``Q = diag(1 − p)`` re-weighting of ``φ(x)``; the query side uses the task's measurement
+The training side is always the loss gradient: with the margin that is TRAK's
+``Q = diag(1 − p)`` re-weighting of ``φ(x)``. The query side is the task's measurement
 (``ClassificationTask(measurement="margin")`` gives TRAK's ``−∇f(q)``; the default loss scales
-each query's row by ``1 − p(q)``, which leaves per-query rankings unchanged). So the score is
-the library's ``∇m(q)ᵀ (H + λI)⁻¹ ∇ℓ(x)`` with ``H`` replaced by the Gauss–Newton matrix of
-the output function *without* its ``p(1 − p)`` weights, in ``k`` projected dimensions:
-positive = proponent, and at ``λ = 0`` it is ``N`` times TRAK's (un-sparsified) score for one
-model. Ensembling averages whole per-model scores (TRAK averages the ``1 − p`` factors
-separately; the difference is second order).
+each query's row by ``1 − p(q)``, which leaves per-query rankings unchanged). So a score is the
+library's ``∇m(q)ᵀ (H + λI)⁻¹ ∇ℓ(x)`` with ``H`` replaced by the after-kernel in ``k``
+projected dimensions: positive = proponent, and with the margin at ``λ = 0`` it is ``N``
+times TRAK's (un-sparsified) single-model score. Ensembles average whole per-model scores
+(TRAK averages the ``1 − p`` factors separately).
+
+Why the loss kernel is the default: ``output="loss"`` is the margin kernel with TRAK's own
+``Q`` applied on both sides (``Φ_ℓ = QΦ``). The unweighted margin kernel gives confidently
+fitted examples (``p ≈ 1``) full weight although they add nothing to the loss curvature, so a
+small ``λ`` inverts directions the loss does not care about. On the digits MLP (LDS, one
+model, ``k = 2048``, ``λ = 10⁻³``): margin 0.38, loss 0.68 (exact GGN influence 0.70); the
+margin kernel needs ``λ = 0.1`` or large ensembles to catch up (``benchmarks/RESULTS.md``).
 
 Stored features: ``φ_m`` and the factor ``c_m = ∂ℓ/∂f`` per training example and model
 (``k + 1`` numbers each), computed once at ``fit`` (``store=``: fingerprinted, resumable), so
@@ -62,8 +69,8 @@ class TRAKInfluence(CheckpointEstimator):
         projection: ``"rademacher"`` (default), ``"gaussian"`` or ``"none"`` (exact gradients,
             ``k = P``: small models only). seed: seeds the projection (one matrix, shared by
             every member).
-        output: ``"margin"`` (default for cross-entropy tasks) or ``"loss"`` (the kernel of
-            loss gradients; the default for other tasks).
+        output: ``"loss"`` (default: the kernel of loss gradients) or ``"margin"`` (TRAK's
+            kernel of margin gradients; cross-entropy tasks only).
         damping: λ in ``K + λI``; needed when ``K`` is singular (e.g. ``k > N``).
         batch_size, query_chunk, chunk_size, store, overwrite, progress: as for every
             estimator.
@@ -73,7 +80,7 @@ class TRAKInfluence(CheckpointEstimator):
 
     def __init__(self, task: Task, projection_dim: int | None = 2048, *,
                  checkpoints: Any = None, models: Any = None, projection: str = "rademacher",
-                 output: str | None = None, seed: int = 0, damping: float = 0.0, **kw: Any):
+                 output: str = "loss", seed: int = 0, damping: float = 0.0, **kw: Any):
         if checkpoints is not None and models is not None:
             raise InputError("give the ensemble as checkpoints= or as models=, not both.")
         super().__init__(task, checkpoints=models if checkpoints is None else checkpoints,
@@ -82,8 +89,6 @@ class TRAKInfluence(CheckpointEstimator):
         if self.projection != "none" and self.projection_dim is None:
             raise InputError("projection_dim must be a positive integer (or use "
                              "projection='none' for exact gradients).")
-        if output is None:
-            output = "margin" if task.loss_fn is cross_entropy else "loss"
         self.output = choice("output", output, OUTPUTS)
         if self.output == "margin" and task.loss_fn is not cross_entropy:
             raise InputError("output='margin' needs a cross-entropy classification task "

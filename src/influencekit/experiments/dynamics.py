@@ -43,6 +43,8 @@ from . import arguments as arg
 from .evaluate import _load, _model_builder, parse_methods
 
 TRAJECTORY_METHODS = ("unrolled", "same-time")
+DEFAULT_METHODS = "exact,arnoldi,arnoldi-topk,graddot,unrolled,same-time"
+QUICK_METHODS = "arnoldi:iterations=60,graddot,unrolled,same-time"
 QUICK = {"n_train": 400, "n_queries": 30, "n_removed": 16, "start_epochs": 10, "epochs": 8,
          "batch_size": 32, "record_every": 4}
 
@@ -63,9 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a("--model", default="mlp", choices=["mlp", "logreg", "cnn", "resnet"],
       help="built-in model")
     a("--hidden", default="32", type=arg.counts(), help="MLP hidden widths")
-    a("--methods", default="exact,arnoldi,arnoldi-topk,graddot,unrolled,same-time",
-      type=arg.checked(str, "method specs", lambda s: _methods(s) and s),
-      help=f"estimators ({', '.join(METHODS)}) and {', '.join(TRAJECTORY_METHODS)}")
+    a("--methods", default=None, type=arg.checked(str, "method specs", lambda s: _methods(s) and s),
+      help=f"estimators ({', '.join(METHODS)}) and {', '.join(TRAJECTORY_METHODS)}; default "
+           f"{DEFAULT_METHODS} ({QUICK_METHODS} with --quick)")
     a("--n-train", type=arg.count(), default=None, help="training examples (None: all)")
     a("--n-queries", type=arg.count(), default=50, help="test examples used as queries")
     a("--n-removed", type=arg.count(), default=24, help="twin runs (random removed examples)")
@@ -99,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
+    if args.methods is None:
+        args.methods = QUICK_METHODS if args.quick else DEFAULT_METHODS
     methods, trajectory = _methods(args.methods)
     progress = False if args.no_progress else None
     d = _load(args)

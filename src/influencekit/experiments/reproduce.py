@@ -8,8 +8,11 @@ interrupted run picks up where it stopped and a finished one only rebuilds the r
                leave-one-out and LDS ground truth, with its cost
   spectrum     both ends of the curvature spectrum of the mnist model (Arnoldi Ritz values)
   gallery      test queries (correct and mis-predicted) with their top proponents/opponents
-  divergence, fading, correction, diagnostics
-               appear as their modules land (issues 11, 12, 13); until then the report says so
+  dynamics     ``influencekit dynamics`` on the digits MLP: twin runs from a trained start
+               point, parameter divergence against a data-order control, influence fading
+               and the horizon per estimator (the "divergence" and "fading" sections)
+  correction, diagnostics
+               appear as their modules land (issues 12, 13); until then the report says so
 
 Writes ``OUT/results.json`` (schema below, ``schema_version`` 1) and ``OUT/index.html``
 (self-contained: figures inline). Presets: ``quick`` (a few minutes on 2 CPU cores), ``paper``
@@ -53,10 +56,6 @@ SCHEMA_VERSION = 1
 SECTIONS = ("environment", "models", "estimators", "spectrum", "gallery", "divergence",
             "fading", "correction", "diagnostics")
 PENDING = {
-    "divergence": "Twin runs and parameter divergence arrive with the training-dynamics module "
-                  "(issue 11).",
-    "fading": "Influence fading and the influence horizon arrive with the training-dynamics "
-              "module (issue 11).",
     "correction": "Correcting mis-predictions arrives with ik.correct (issue 12).",
     "diagnostics": "The five-assumption diagnostics arrive with ik.diagnose (issue 13).",
 }
@@ -77,18 +76,27 @@ class Preset:
     gallery_queries: int
     gallery_top: int
     spectrum_iterations: int
+    arnoldi_rank: int = 50  # the gallery's estimator
+    arnoldi_iterations: int = 200
+    digits_hidden: str = "32"
+    dynamics: tuple[str, ...] = ("--quick",)  # arguments of `influencekit dynamics`
 
 
 PRESETS = {
-    "tiny": Preset(200, 8, 6, 6, "exact:curvature=ggn,arnoldi,graddot", "cnn", 400, 1, 2, 3,
-                   20),
+    "tiny": Preset(150, 6, 4, 4, "exact:curvature=ggn,arnoldi:rank=5:iterations=10,graddot",
+                   "cnn", 150, 1, 2, 3, 8, arnoldi_rank=4, arnoldi_iterations=8,
+                   digits_hidden="4",
+                   dynamics=("--hidden", "4", "--n-train", "100", "--n-queries", "6",
+                             "--n-removed", "4", "--start-epochs", "3", "--epochs", "2",
+                             "--record-every", "2", "--control-seeds", "1",
+                             "--methods", "graddot,unrolled,same-time")),
     "quick": Preset(None, 50, 20, 20,
                     "exact:curvature=ggn,cg:curvature=ggn,arnoldi,arnoldi-topk,"
                     "arnoldi-complement,graddot,gradcos", "cnn", 4000, 3, 6, 4, 100),
     "paper": Preset(None, 100, 40, 50,
                     "exact:curvature=ggn,exact,cg:curvature=ggn,lissa:curvature=ggn,arnoldi,"
                     "arnoldi-topk,arnoldi-complement,graddot,gradcos", "resnet", 4000, 8, 8, 5,
-                    200),
+                    200, dynamics=()),
 }
 
 
@@ -177,7 +185,8 @@ class Study:
         acc = float((task.predict(x) == y).float().mean())
         return {"rows": [{"name": self.preset.mnist_model, "dataset": "mnist",
                           "params": task.num_params, "n_train": len(d.train[1]),
-                          "test_accuracy": acc, "epochs": m["config"].epochs}]}
+                          "test_accuracy": acc, "epochs": m["config"].epochs,
+                          "accuracy_on": f"{len(y)} test examples"}]}
 
     def estimators(self) -> dict[str, Any]:
         from ..cli import main
@@ -187,7 +196,8 @@ class Study:
         argv = ["evaluate", "--dataset", "digits", "--model", "mlp", "--methods", p.methods,
                 "--n-queries", str(p.n_queries), "--n-removed", str(p.n_removed),
                 "--lds-subsets", str(p.lds_subsets), "--ground-truth", "loo-warm,lds,mislabel",
-                "--out", str(out), "--cache-dir", str(self.out / "cache")]
+                "--out", str(out), "--cache-dir", str(self.out / "cache"),
+                "--hidden", p.digits_hidden]
         if p.digits_n_train:
             argv += ["--n-train", str(p.digits_n_train)]
         if self.progress is False:
@@ -198,7 +208,8 @@ class Study:
         from .evaluate import COLUMNS
 
         self.save_figure("quality_vs_cost", figs.quality_vs_cost(report["results"]))
-        model = report["model"]
+        model = {**report["model"], "n_train": report["n_train"],
+                 "accuracy_on": f"{report['n_queries']} test queries"}
         return {
             "rows": report["results"], "columns": COLUMNS, "command": report["command"],
             "model": model,
@@ -208,6 +219,25 @@ class Study:
                       f"θ*, LDS over {p.lds_subsets} random half-subsets, mislabel AUC with 10% "
                       "flipped labels. Correlations are Spearman per query, averaged."),
         }
+
+    def dynamics(self) -> dict[str, Any]:
+        from ..cli import main
+
+        out = self.out / "dynamics"
+        argv = ["dynamics", "--dataset", "digits", "--model", "mlp", "--out", str(out),
+                "--cache-dir", str(self.out / "cache"), *self.preset.dynamics]
+        if self.progress is False:
+            argv.append("--no-progress")
+        if main(argv) != 0:
+            raise RuntimeError("influencekit dynamics failed; see the messages above.")
+        report = json.loads((out / "results.json").read_text())
+        for name, png in (("divergence", "divergence.png"), ("fading", "correlation.png"),
+                          ("fading_magnitude", "magnitude.png")):
+            if (out / png).is_file():
+                self.save_figure(name, (out / png).read_bytes())
+        g = report["growth_rate"]
+        return {"growth_rate": g, "horizon": report["horizon"], "command": report["command"],
+                "fading": report["fading"], "n_removed": len(report["removed"])}
 
     def spectrum(self) -> dict[str, Any]:
         m = self.mnist()
@@ -242,7 +272,8 @@ class Study:
         wrong = (pred != yq).nonzero().squeeze(1)[:half].tolist()
         right = (pred == yq).nonzero().squeeze(1)[:p.gallery_queries - len(wrong)].tolist()
         chosen = right + wrong
-        est = ArnoldiInfluence(task, damping=m["config"].weight_decay, progress=self.progress)
+        est = ArnoldiInfluence(task, p.arnoldi_rank, p.arnoldi_iterations,
+                               damping=m["config"].weight_decay, progress=self.progress)
         est.fit(train_data)
         q = (xq[chosen], yq[chosen])
         top = est.top_k(q, k=p.gallery_top)
@@ -263,6 +294,28 @@ class Study:
                          f"({len(right)} correct and {len(wrong)} mis-predicted test queries). "
                          "Proponents share the query's label and look like it; a mis-predicted "
                          "query's proponents often carry the wrong (predicted) label.")}
+
+
+def _dynamics_sections(dyn: dict[str, Any]) -> dict[str, Any]:
+    """The dynamics stage as the report's "divergence" and "fading" sections."""
+    g = dyn["growth_rate"]
+    twins, control = g["twins"], g.get("control")
+    summary = (f"{dyn['n_removed']} twin runs (one training example removed each) from a "
+               f"trained start point: log‖Δθ‖ grows at {twins['rate']:.2e} per step "
+               f"[{twins['low']:.2e}, {twins['high']:.2e}]")
+    if control:
+        summary += f"; the data-order control pair at {control['rate']:.2e} per step"
+    horizons = ", ".join(f"{k}: {'never falls' if v == float('inf') else f'step {v:g}'}"
+                         for k, v in dyn["horizon"].items())
+    base = {"status": "done", "seconds": dyn["seconds"], "command": dyn["command"]}
+    return {
+        "divergence": {**base, "growth_rate": g, "summary": summary + "."},
+        "fading": {**base, "horizon": dyn["horizon"], "curves": dyn["fading"],
+                   "summary": ("Correlation between predicted and actual change of the "
+                               "queries' loss along continued training, per estimator; the "
+                               f"influence horizon (first step below the threshold): {horizons}."
+                               )},
+    }
 
 
 def environment(device: str, threads: int) -> dict[str, Any]:
@@ -286,8 +339,14 @@ def run(args: argparse.Namespace) -> int:
     study = Study(out, args.preset, args.device, False if args.no_progress else None)
     sections: dict[str, Any] = {"environment": environment(args.device,
                                                            torch.get_num_threads())}
-    for name in ("models", "estimators", "spectrum", "gallery"):
+    for name in ("models", "estimators", "spectrum", "gallery", "dynamics"):
         sections[name] = study.stage(name, getattr(study, name))
+    sections.update(_dynamics_sections(sections.pop("dynamics")))
+    digits = sections["estimators"]["model"]
+    sections["models"]["rows"].insert(0, {
+        "name": "mlp", "dataset": "digits", "params": digits["params"],
+        "n_train": digits["n_train"], "test_accuracy": digits["test_accuracy"],
+        "accuracy_on": digits["accuracy_on"]})
     for name, reason in PENDING.items():
         sections[name] = {"status": "pending", "reason": reason}
     results = {"schema_version": SCHEMA_VERSION,

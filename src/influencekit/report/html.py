@@ -83,7 +83,7 @@ def render(results: dict[str, Any], figures: dict[str, bytes], out: Path) -> Pat
     parts.append(_section("Models", models, table(models.get("rows", []), [
         ("name", "model"), ("dataset", "dataset"), ("params", "parameters"),
         ("n_train", "train examples"), ("test_accuracy", "test accuracy"),
-        ("seconds", "train seconds")])))
+        ("accuracy_on", "measured on")])))
     est = s["estimators"]
     est_body = ""
     if est.get("status") == "done":
@@ -101,8 +101,9 @@ def render(results: dict[str, Any], figures: dict[str, bytes], out: Path) -> Pat
     for key, title in (("divergence", "Parameter divergence"), ("fading", "Influence fading"),
                        ("correction", "Correcting mis-predictions"),
                        ("diagnostics", "Five-assumption diagnostics")):
-        parts.append(_section(title, s[key], figure(figures, key, title)
-                              + f'<p>{_esc(s[key].get("summary", ""))}</p>'))
+        parts.append(_section(title, s[key], f'<p>{_esc(s[key].get("summary", ""))}</p>'
+                              + figure(figures, key, title)
+                              + figure(figures, f"{key}_magnitude", f"{title}: magnitude")))
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>influencekit "
             f"report</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     return atomic_write_text(page, out / "index.html")
