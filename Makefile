@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo evaluate clean
+.PHONY: venv test lint demo reproduce clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/influencekit demo
+
+# The paper's study on the built-in data; the report is runs/reproduce/index.html.
+reproduce: $(STAMP)
+	$(BIN)/influencekit reproduce --preset quick --out runs/reproduce
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

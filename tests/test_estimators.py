@@ -205,8 +205,9 @@ def test_non_loss_measurements_with_every_estimator(mlp, measurement, name):
     """Every estimator scores a non-loss measurement as ⟨P ∇m(q), ∇ℓ(x)⟩ with its own P.
 
     The PD reference ``(H + λI)⁻¹`` gets 1e-6 (exact, CG, full-rank Arnoldi), full-batch LiSSA
-    1e-3; GradDot/GradCos their closed forms (1e-12); the rank-5 Arnoldi variants their own
-    preconditioner (1e-10)."""
+    1e-4; GradDot/GradCos/TracIn (one checkpoint, η = 1) their closed forms (1e-10); unprojected
+    TRAK the damped empirical Fisher (1e-8); the rank-5 Arnoldi variants and EK-FAC/K-FAC their
+    own preconditioner (1e-10)."""
     task0, x, y, damping = mlp
     m = "margin" if measurement == "margin" else _custom_measurement
     task = ik.ClassificationTask(task0.model, measurement=m)
@@ -216,11 +217,20 @@ def test_non_loss_measurements_with_every_estimator(mlp, measurement, name):
     p = task.num_params
     h = dense_curvature(task, train) + damping * torch.eye(p, dtype=torch.float64)
     exact = gq @ torch.linalg.solve(h, gx.T)
-    if name in ("graddot", "gradcos"):
+    if name in ("graddot", "gradcos", "tracin"):
         est = ik.METHODS[name](task)
-        a, b = (gq, gx) if name == "graddot" else (gq / gq.norm(dim=1, keepdim=True),
+        a, b = (gq, gx) if name != "gradcos" else (gq / gq.norm(dim=1, keepdim=True),
                                                    gx / gx.norm(dim=1, keepdim=True))
-        assert rel_error(est.scores(q, train), a @ b.T) < 1e-12
+        assert rel_error(est.fit(train).scores(q, train), a @ b.T) < 1e-10
+        return
+    if name == "trak":  # unprojected, loss kernel: the damped empirical Fisher
+        est = ik.METHODS[name](task, projection="none", damping=damping).fit(train)
+        fisher = gx.T @ gx / len(y) + damping * torch.eye(p, dtype=torch.float64)
+        assert rel_error(est.scores(q), gq @ torch.linalg.solve(fisher, gx.T)) < 1e-8
+        return
+    if name in ("ekfac", "kfac"):  # their own Kronecker preconditioner
+        est = ik.METHODS[name](task, damping=damping).fit(train)
+        assert rel_error(est.scores(q), est.precondition(gq) @ gx.T) < 1e-10
         return
     if name.startswith("arnoldi"):
         solver = ik.Eigensolver(which="magnitude", sampling="full")

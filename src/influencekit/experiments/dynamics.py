@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import data as ik_data
+from .. import models as ik_models
+from ..batching import slice_batch
 from ..dynamics import (
     fading_curve,
     growth_rate,
@@ -37,22 +40,60 @@ from ..errors import InputError
 from ..estimators import METHODS
 from ..groundtruth import Cache, Retrainer
 from ..store import atomic_write_text
-from ..task import ClassificationTask
+from ..task import ClassificationTask, default_forward, output_tensor
 from ..training import TrainConfig
 from . import arguments as arg
-from .evaluate import _load, _model_builder, parse_methods
+from .evaluate import _image_layout, _model_builder, parse_methods
 
 TRAJECTORY_METHODS = ("unrolled", "same-time")
 DEFAULT_METHODS = "exact,arnoldi,arnoldi-topk,graddot,unrolled,same-time"
 QUICK_METHODS = "arnoldi:iterations=60,graddot,unrolled,same-time"
-QUICK = {"n_train": 400, "n_queries": 30, "n_removed": 16, "start_epochs": 10, "epochs": 8,
-         "batch_size": 32, "record_every": 4}
+# sizes by the model's inputs ("vector" / "image" / "text") and, where it matters, the model:
+# full sizes (no --quick) and --quick sizes; a flag given on the command line wins.
+SIZES: dict[str, dict[str, Any]] = {
+    "vector": {"n_train": None, "n_queries": 50, "n_removed": 24, "start_epochs": 30,
+               "epochs": 15, "batch_size": 64, "record_every": 10, "methods": DEFAULT_METHODS},
+    "image": {"n_train": None, "n_queries": 50, "n_removed": 24, "start_epochs": 20,
+              "epochs": 4, "batch_size": 64, "record_every": 8,
+              "methods": "arnoldi,arnoldi-topk,graddot,unrolled,same-time"},
+    "resnet": {"n_train": None, "n_queries": 50, "n_removed": 16, "start_epochs": 20,
+               "epochs": 3, "batch_size": 64, "record_every": 8,
+               "methods": "arnoldi:iterations=100,graddot,same-time"},
+    "text": {"n_train": 1024, "n_queries": 50, "n_removed": 16, "start_epochs": 4,
+             "epochs": 3, "batch_size": 32, "record_every": 4,
+             "methods": "arnoldi:iterations=60:rank=30,graddot,same-time"},
+}
+QUICK_SIZES: dict[str, dict[str, Any]] = {
+    "vector": {"n_train": 400, "n_queries": 30, "n_removed": 16, "start_epochs": 10,
+               "epochs": 8, "batch_size": 32, "record_every": 4, "methods": QUICK_METHODS},
+    "image": {"n_train": None, "n_queries": 30, "n_removed": 12, "start_epochs": 20,
+              "epochs": 2, "batch_size": 64, "record_every": 4,
+              "methods": "arnoldi:iterations=40:rank=20,graddot,unrolled,same-time"},
+    "resnet": {"n_train": None, "n_queries": 30, "n_removed": 10, "start_epochs": 12,
+               "epochs": 1, "batch_size": 64, "record_every": 2,
+               "methods": "arnoldi:iterations=30:rank=15,graddot,same-time"},
+    "text": {"n_train": 256, "n_queries": 30, "n_removed": 10, "start_epochs": 3,
+             "epochs": 2, "batch_size": 16, "record_every": 2,
+             "methods": "arnoldi:iterations=30:rank=15,graddot,same-time"},
+}
+QUICK = QUICK_SIZES["vector"]  # (kept: the digits/MLP quick sizes)
+DATASETS = [name for name in ik_data.LOADERS if name != "synthetic"] + ["synthetic"]
+MODELS = list(ik_models.BUILDERS)
+
+
+def sizes(args: argparse.Namespace) -> dict[str, Any]:
+    """The default sizes for ``args.model`` (``--quick`` or full)."""
+    table = QUICK_SIZES if args.quick else SIZES
+    kind = ik_models.INPUTS[args.model]
+    return table.get(args.model, table[kind])
 
 
 def _methods(spec: str) -> tuple[list[tuple[str, str, dict[str, Any]]], list[str]]:
     items = [s.strip() for s in spec.split(",") if s.strip()]
     trajectory = [s for s in items if s in TRAJECTORY_METHODS]
     rest = [s for s in items if s not in TRAJECTORY_METHODS]
+    if not items:
+        raise InputError("no method given; e.g. --methods graddot,unrolled.")
     return (parse_methods(",".join(rest)) if rest else []), trajectory
 
 
@@ -61,29 +102,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--dataset", default="digits", choices=["digits", "mnist"], help="built-in dataset")
-    a("--model", default="mlp", choices=["mlp", "logreg", "cnn", "resnet"],
-      help="built-in model")
+    S = argparse.SUPPRESS  # sized flags: absent unless given, then filled by sizes()
+
+    def sized(key: str) -> str:
+        full = {k: SIZES.get(k, SIZES["vector"])[key] for k in ("vector", "image", "resnet",
+                                                                   "text")}
+        quick = {k: QUICK_SIZES[k][key] for k in full}
+        return (f" (default by model: {', '.join(f'{k} {v}' for k, v in full.items())}; with "
+                f"--quick: {', '.join(f'{k} {v}' for k, v in quick.items())})")
+
+    a("--dataset", default="digits", choices=DATASETS, help="built-in dataset")
+    a("--model", default="mlp", choices=MODELS,
+      help="built-in model (bert: MiniLM with the last --train-last layers and the head "
+           "trained, dropout off; text data only)")
     a("--hidden", default="32", type=arg.counts(), help="MLP hidden widths")
-    a("--methods", default=None, type=arg.checked(str, "method specs", lambda s: _methods(s) and s),
-      help=f"estimators ({', '.join(METHODS)}) and {', '.join(TRAJECTORY_METHODS)}; default "
-           f"{DEFAULT_METHODS} ({QUICK_METHODS} with --quick)")
-    a("--n-train", type=arg.count(), default=None, help="training examples (None: all)")
-    a("--n-queries", type=arg.count(), default=50, help="test examples used as queries")
-    a("--n-removed", type=arg.count(), default=24, help="twin runs (random removed examples)")
-    a("--start-epochs", type=arg.count(0), default=30, help="epochs to the start point θ_s")
-    a("--epochs", type=arg.count(), default=15, help="epochs of continued training")
-    a("--lr", type=arg.number(0.0, strict=True), default=0.02, help="continued training lr")
-    a("--start-lr", type=arg.number(0.0, strict=True), default=0.1, help="lr to θ_s (cosine)")
-    a("--batch-size", type=arg.count(), default=64, help="batch size")
+    a("--train-last", type=arg.count(0), default=1, help="bert: encoder layers trained")
+    a("--max-length", type=arg.count(), default=32, help="bert: tokens per example")
+    a("--methods", default=S, type=arg.checked(str, "method specs", lambda s: _methods(s) and s),
+      help=f"estimators ({', '.join(METHODS)}) and {', '.join(TRAJECTORY_METHODS)}"
+           + sized("methods"))
+    a("--n-train", type=arg.count(), default=S,
+      help="training examples (None: all)" + sized("n_train"))
+    a("--n-queries", type=arg.count(), default=S,
+      help="test examples used as queries" + sized("n_queries"))
+    a("--n-removed", type=arg.count(), default=S,
+      help="twin runs (random removed examples)" + sized("n_removed"))
+    a("--start-epochs", type=arg.count(0), default=S,
+      help="epochs to the start point θ_s" + sized("start_epochs"))
+    a("--epochs", type=arg.count(), default=S, help="epochs of continued training"
+      + sized("epochs"))
+    a("--lr", type=arg.number(0.0, strict=True), default=None,
+      help="continued training lr (default 0.02 with sgd, 0.001 with adam)")
+    a("--optimizer", default="sgd", choices=["sgd", "adam"],
+      help="continued training optimizer (the start point is trained with SGD, cosine); "
+           "unrolled and same-time need sgd")
+    a("--start-lr", type=arg.number(0.0, strict=True), default=None,
+      help="lr to θ_s (cosine; default 0.1, bert 0.05)")
+    a("--batch-size", type=arg.count(), default=S, help="batch size" + sized("batch_size"))
     a("--weight-decay", type=arg.number(0.0), default=1e-3,
       help="L2 coefficient; also the estimators' damping")
-    a("--record-every", type=arg.count(), default=10, help="record every so many steps")
+    a("--record-every", type=arg.count(), default=S,
+      help="record every so many steps" + sized("record_every"))
     a("--control-seeds", default="1,2", type=arg.counts(), help="data-order control seeds")
     a("--threshold", type=arg.number(), default=0.5, help="correlation of the horizon")
     a("--seed", type=arg.count(0), default=0, help="split, order, init and removal seed")
-    a("--quick", action="store_true", help="small sizes: " + ", ".join(
-        f"{k}={v}" for k, v in QUICK.items()))
+    a("--quick", action="store_true", help="small sizes (see each flag's default)")
+    a("--threads", type=arg.count(), default=None, help="torch CPU threads")
     a("--out", type=arg.folder, default=None, help="output folder (runs/dynamics/DATA-MODEL)")
     a("--cache-dir", type=arg.folder, default=str(Path.home() / ".cache" / "influencekit"),
       help="where the start point and the twin runs are stored")
@@ -95,20 +159,97 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    """Fill the sized defaults and refuse inconsistent flags (before any work)."""
+    for key, value in sizes(args).items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    kind = ik_data.INPUTS[args.dataset]
+    takes = ik_models.INPUTS[args.model]
+    if (kind == "text") != (takes == "text"):
+        raise InputError(f"--model {args.model} takes {takes} inputs but --dataset "
+                         f"{args.dataset} has {kind} inputs: use --model bert with text data "
+                         "and mlp / logreg / cnn / resnet otherwise.")
+    if args.lr is None:
+        args.lr = 0.02 if args.optimizer == "sgd" else 1e-3
+    if args.start_lr is None:
+        args.start_lr = 0.05 if takes == "text" else 0.1
+    _, trajectory = _methods(args.methods)
+    if trajectory and args.optimizer != "sgd":
+        raise InputError(f"--methods {','.join(trajectory)} differentiate through SGD steps; "
+                         f"with --optimizer {args.optimizer} leave them out of --methods.")
+
+
+def load_data(args: argparse.Namespace) -> tuple[ik_data.DataSplits, tuple[Any, Any]]:
+    """The training data, the queries (the first ``--n-queries`` test examples) and the whole
+    test set (for the start point's accuracy), shaped or tokenised for ``--model``."""
+    kw: dict[str, Any] = {"seed": args.seed}
+    if args.n_train is not None:
+        kw["n_train"] = args.n_train
+    try:
+        d = ik_data.load(args.dataset, **kw)
+    except InputError as e:
+        raise InputError(f"--dataset {args.dataset}: {e}") from e
+    n_test = len(d.test[1])
+    if args.n_queries > n_test:
+        raise InputError(f"--n-queries {args.n_queries} exceeds the {n_test} test examples.")
+    if ik_models.INPUTS[args.model] == "text":
+        from ..models.bert import load_tokenizer, tokenize
+
+        tok = load_tokenizer()
+        d.train = (tokenize(d.train[0], tok, args.max_length), d.train[1])
+        d.test = (tokenize(d.test[0], tok, args.max_length), d.test[1])
+    elif ik_models.INPUTS[args.model] == "image" and len(d.input_shape) == 1:
+        channels, side = _image_layout(d.input_shape, args)
+        d.train = (d.train[0].reshape(-1, channels, side, side), d.train[1])
+        d.test = (d.test[0].reshape(-1, channels, side, side), d.test[1])
+    full_test = d.test
+    d.test = slice_batch(full_test, slice(0, args.n_queries))
+    return d, full_test
+
+
+def build_model(args: argparse.Namespace, d: ik_data.DataSplits) -> Any:
+    """A builder of ``--model`` for ``d``; bert: MiniLM, dropout off (twin runs and unrolled
+    influence need the training-mode forward to be a deterministic function of θ)."""
+    if ik_models.INPUTS[args.model] != "text":
+        return _model_builder(args, d)
+
+    def bert() -> torch.nn.Module:
+        m = ik_models.build("bert", seed=args.seed, num_classes=d.num_classes,
+                            train_last=args.train_last)
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        return m
+
+    return bert
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data: tuple[Any, Any], batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on ``data``."""
+    was = model.training
+    model.eval()
+    n, correct = len(data[1]), 0
+    for i in range(0, n, batch_size):
+        b = slice_batch(data, slice(i, i + batch_size))
+        correct += int((output_tensor(default_forward(model, b)).argmax(-1) == b[1]).sum())
+    model.train(was)
+    return correct / n
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``influencekit dynamics``."""
     t0 = time.perf_counter()
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
-    if args.methods is None:
-        args.methods = QUICK_METHODS if args.quick else DEFAULT_METHODS
+    _prepare(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     methods, trajectory = _methods(args.methods)
     progress = False if args.no_progress else None
-    d = _load(args)
+    d, full_test = load_data(args)
     if args.n_removed > len(d.train[1]):
         raise InputError(f"--n-removed {args.n_removed} exceeds the training set.")
-    builder = _model_builder(args, d)
+    builder = build_model(args, d)
     start_cfg = TrainConfig(epochs=args.start_epochs, batch_size=args.batch_size,
                             lr=args.start_lr, schedule="cosine",
                             weight_decay=args.weight_decay, seed=args.seed,
@@ -116,10 +257,14 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(args.cache_dir) / "dynamics"
     start = Retrainer(builder, d.train, start_cfg, cache=Cache(cache),
                       progress=progress).fit()
-    cfg = replace(start_cfg, epochs=args.epochs, lr=args.lr, schedule="constant")
+    cfg = replace(start_cfg, epochs=args.epochs, lr=args.lr, schedule="constant",
+                  optimizer=args.optimizer)
     gen = torch.Generator().manual_seed(args.seed + 1)
     removed = torch.randperm(len(d.train[1]), generator=gen)[:args.n_removed].tolist()
-    _log(f"start point: {args.start_epochs} epochs ({time.perf_counter() - t0:.0f}s)")
+    acc = {"test": accuracy(start, full_test), "train": accuracy(start, d.train),
+           "n_test": len(full_test[1])}
+    _log(f"start point: {args.start_epochs} epochs, test accuracy {acc['test']:.4f} on "
+         f"{acc['n_test']}, train {acc['train']:.4f} ({time.perf_counter() - t0:.0f}s)")
 
     t1 = time.perf_counter()
     runs = twin_runs(start, d.train, cfg, d.test, remove=removed,
@@ -135,7 +280,8 @@ def run(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         est = METHODS[name](ClassificationTask(start), **{"damping": args.weight_decay,
                                                           "progress": progress, **options})
-        scores[label] = est.fit(d.train).scores(d.test)[:, removed]
+        # curvature from all the training data; features of the removed examples only
+        scores[label] = est.fit(d.train).scores(d.test, slice_batch(d.train, removed))
         timings[label] = time.perf_counter() - t1
     if trajectory:
         t1 = time.perf_counter()
@@ -154,7 +300,8 @@ def run(args: argparse.Namespace) -> int:
         "command": "influencekit dynamics " + " ".join(sys.argv[2:]),
         "settings": {k: v for k, v in vars(args).items() if k != "run"},
         "start_config": asdict(start_cfg), "config": asdict(cfg), "removed": removed,
-        "n_train": len(d.train[1]), "n_queries": len(d.test[1]),
+        "n_train": len(d.train[1]), "n_queries": len(d.test[1]), "start_accuracy": acc,
+        "threads": torch.get_num_threads(),
         "growth_rate": growth.to_dict(), "horizon": horizons,
         "fading": {label: c.to_dict() for label, c in curves.items()},
         "twins": runs.to_dict(), "seconds": {"twins": twin_s, **timings,
