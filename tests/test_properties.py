@@ -155,3 +155,59 @@ def test_invalid_scoring_calls_raise_influence_errors(k, rows):
             est.top_k((x[:rows], y[:rows]), (x, y), k=k)
     except ik.InfluenceError:
         pass
+
+
+def _model_no_dropout() -> nn.Module:
+    """A model the trajectory code accepts (no dropout, no batch norm), left in train mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    model[2].bias.requires_grad_(False)
+    model.train()
+    return model
+
+
+def _ground_truth_calls(model: nn.Module, tmp_path) -> None:
+    from influencekit.groundtruth import Cache, Retrainer, lds_retrain, leave_one_out, measure, pbrf
+    from influencekit.training import TrainConfig
+
+    x, y = _data(20)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05)
+    q = (x[:3], y[:3])
+    rt = Retrainer(model, (x, y), cfg, cache=Cache(tmp_path / "cache"), progress=False)
+    rt.fit(remove=[1])
+    leave_one_out(rt, [0, 2], q)
+    leave_one_out(rt, [0], q, warm_start=model, warm_config=cfg)
+    lds_retrain(rt, q, n_subsets=2)
+    task = ik.ClassificationTask(model)
+    measure(task, q)
+    pbrf(task, (x, y), [0], q, damping=0.1, progress=False)
+
+
+def _trainer_calls(model: nn.Module, tmp_path) -> None:
+    from influencekit.training import TrainConfig, Trainer, train
+
+    x, y = _data(20)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05)
+    train(model, (x, y), cfg, remove=[3], checkpoint_dir=tmp_path / "ckpt", progress=False)
+    Trainer(model, (x, y), cfg, task=ik.ClassificationTask(model)).run(steps=2)
+
+
+def _dynamics_calls(model: nn.Module, tmp_path) -> None:
+    from influencekit.training import TrainConfig
+
+    x, y = _data(20)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    ik.dynamics.twin_runs(model, (x, y), cfg, (x[:3], y[:3]), remove=[0], record_every=1,
+                          store=tmp_path / "twins", progress=False)
+    ik.dynamics.unrolled_influence(model, (x, y), cfg, (x[:3], y[:3]), examples=[0, 1],
+                                   progress=False)
+
+
+@pytest.mark.parametrize("calls, make", [
+    (_ground_truth_calls, _model), (_trainer_calls, _model), (_dynamics_calls, _model_no_dropout),
+])
+def test_training_ground_truth_and_dynamics_never_modify_the_model(calls, make, tmp_path):
+    model = make()
+    snap = _snapshot(model)
+    calls(model, tmp_path)
+    _assert_same(model, snap)
