@@ -18,6 +18,16 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def tiny_report(tmp_path_factory):
+    """``influencekit reproduce --preset tiny`` once per test session: its output folder."""
+    from influencekit.cli import main
+
+    out = tmp_path_factory.mktemp("reproduce")
+    assert main(["reproduce", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
 def fit_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn,
                    l2: float, weights: torch.Tensor | None = None, iters: int = 200) -> nn.Module:
     """Minimise mean(w_i·loss_i) + l2/2·‖θ‖² with L-BFGS to high precision (in place)."""

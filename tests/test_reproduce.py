@@ -12,11 +12,9 @@ from influencekit.cli import main
 from influencekit.experiments.reproduce import SCHEMA_VERSION, SECTIONS
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reproduce")
-    assert main(["reproduce", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
-    return out
+@pytest.fixture
+def report(tiny_report):
+    return tiny_report
 
 
 @pytest.mark.slow

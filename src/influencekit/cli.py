@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "evaluate": "influencekit.experiments.evaluate",
     "reproduce": "influencekit.experiments.reproduce",
     "dynamics": "influencekit.experiments.dynamics",
+    "correct": "influencekit.experiments.correct",
 }
 
 
