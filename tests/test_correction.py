@@ -149,3 +149,24 @@ def test_bad_target_and_train(planted):
         C.correct(model, (Z[None].repeat(2, 1), torch.tensor([0, 1])), train)
     with pytest.raises(InputError, match="train"):
         C.correct(model, (Z, 0), train[0])
+
+
+def test_cli_correct_writes_tables_and_plot(tmp_path, capsys):
+    from influencekit.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["correct", "--dataset", "digits", "--n-train", "200", "--n-queries", "40",
+               "--epochs", "1", "--methods", "graddot,random,target", "--examples", "2",
+               "--steps", "2", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+               "--out", str(out)])
+    assert rc == 0
+    import json
+
+    report = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in report["results"]] == ["graddot", "random", "target"]
+    assert report["results"][0]["targets"] > 0 and len(report["results"][0]["fixed_within"]) == 3
+    assert "| graddot | 2 |" in (out / "results.md").read_text()
+    assert (out / "fix_rate.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["correct", "--methods", "nope"]) == 2
+    assert main(["correct", "--examples", "0"]) == 2
+    assert "nope" in capsys.readouterr().err

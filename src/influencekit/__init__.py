@@ -13,6 +13,7 @@ from . import data as data  # built-in datasets: ik.data.load("digits")
 from . import dynamics as dynamics  # twin runs, fading, unrolled influence
 from . import models as models  # built-in models: ik.models.build("mlp", ...)
 from . import training as training  # the deterministic trainer: ik.training.train(...)
+from .correction import correct, correct_all
 from .curvature import CurvatureOperator, Eigensolver, HorizonFilter, InverseFilter
 from .errors import ArtifactError, CurvatureError, InfluenceError, InputError, NumericalError
 from .estimators import (
@@ -39,5 +40,5 @@ __all__ = [
     "CurvatureError", "CurvatureOperator", "EKFACInfluence", "Eigensolver", "Estimator",
     "ExactInfluence", "GradCos", "GradDot", "HorizonFilter", "InfluenceError", "InputError",
     "InverseFilter", "KFACInfluence", "LiSSAInfluence", "NumericalError", "Task", "TopK",
-    "TracIn", "TRAKInfluence",
+    "TracIn", "TRAKInfluence", "correct", "correct_all",
 ]
