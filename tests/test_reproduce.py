@@ -38,6 +38,8 @@ def test_results_schema(report):
     assert s["spectrum"]["largest"] >= s["spectrum"]["most_negative"]
     assert s["divergence"]["status"] == s["fading"]["status"] == "done"
     assert {"graddot", "unrolled", "same-time"} <= set(s["fading"]["horizon"])
+    assert {r["method"] for r in s["correction"]["rows"]} == {"graddot", "random"}
+    assert all(0 <= r["fixed"] <= r["targets"] for r in s["correction"]["rows"])
     for q in s["gallery"]["queries"]:
         assert len(q["proponents"]) == len(q["opponents"]) == 3
         assert all(p["score"] >= o["score"] for p, o in zip(q["proponents"], q["opponents"]))
@@ -50,7 +52,8 @@ def test_page_is_self_contained(report):
     sources = re.findall(r'src="([^"]+)"', page)
     assert sources and all(src.startswith("data:image/png;base64,") for src in sources)
     assert not re.search(r'(href|src)="(https?:)?//', page)  # nothing from the network
-    assert page.count("issue 12") >= 1  # pending sections say what they wait for
+    assert page.count("issue 13") >= 1  # pending sections say what they wait for
+    assert "<h2>Correcting mis-predictions</h2>" in page
     assert "<h2>Parameter divergence</h2>" in page and "horizon" in page
 
 
@@ -59,6 +62,6 @@ def test_rerun_only_rebuilds_the_report(report, capsys):
     capsys.readouterr()
     assert main(["reproduce", "--preset", "tiny", "--out", str(report), "--no-progress"]) == 0
     err = capsys.readouterr().err
-    for stage in ("models", "estimators", "spectrum", "gallery", "dynamics"):
+    for stage in ("models", "estimators", "spectrum", "gallery", "dynamics", "correction"):
         assert f"[{stage}] cached" in err
     assert "running" not in err

@@ -11,8 +11,10 @@ interrupted run picks up where it stopped and a finished one only rebuilds the r
   dynamics     ``influencekit dynamics`` on the digits MLP: twin runs from a trained start
                point, parameter divergence against a data-order control, influence fading
                and the horizon per estimator (the "divergence" and "fading" sections)
-  correction, diagnostics
-               appear as their modules land (issues 12, 13); until then the report says so
+  correction   ``influencekit correct`` on a weakly trained digits MLP: every mis-predicted test
+               example fine-tuned on its influential training examples, against random,
+               class-random and target-only selection (fix rate, steps, collateral damage)
+  diagnostics  appears with its module (issue 13); until then the report says so
 
 Writes ``OUT/results.json`` (schema below, ``schema_version`` 1) and ``OUT/index.html``
 (self-contained: figures inline). Presets: ``quick`` (a few minutes on 2 CPU cores), ``paper``
@@ -56,7 +58,6 @@ SCHEMA_VERSION = 1
 SECTIONS = ("environment", "models", "estimators", "spectrum", "gallery", "divergence",
             "fading", "correction", "diagnostics")
 PENDING = {
-    "correction": "Correcting mis-predictions arrives with ik.correct (issue 12).",
     "diagnostics": "The five-assumption diagnostics arrive with ik.diagnose (issue 13).",
 }
 
@@ -80,6 +81,9 @@ class Preset:
     arnoldi_iterations: int = 200
     digits_hidden: str = "32"
     dynamics: tuple[str, ...] = ("--quick",)  # arguments of `influencekit dynamics`
+    correct: tuple[str, ...] = (  # arguments of `influencekit correct` (a weak digits MLP)
+        "--epochs", "2", "--train-lr", "0.05", "--examples", "4,16", "--steps", "10",
+        "--lr", "0.01", "--methods", "graddot,ekfac,arnoldi,random,class-random,target")
 
 
 PRESETS = {
@@ -89,7 +93,10 @@ PRESETS = {
                    dynamics=("--hidden", "4", "--n-train", "100", "--n-queries", "6",
                              "--n-removed", "4", "--start-epochs", "3", "--epochs", "2",
                              "--record-every", "2", "--control-seeds", "1",
-                             "--methods", "graddot,unrolled,same-time")),
+                             "--methods", "graddot,unrolled,same-time"),
+                   correct=("--hidden", "4", "--n-train", "150", "--n-queries", "30",
+                            "--epochs", "2", "--train-lr", "0.05", "--examples", "4",
+                            "--steps", "3", "--methods", "graddot,random")),
     "quick": Preset(None, 50, 20, 20,
                     "exact:curvature=ggn,cg:curvature=ggn,arnoldi,arnoldi-topk,"
                     "arnoldi-complement,graddot,gradcos", "cnn", 4000, 3, 6, 4, 100),
@@ -239,6 +246,29 @@ class Study:
         return {"growth_rate": g, "horizon": report["horizon"], "command": report["command"],
                 "fading": report["fading"], "n_removed": len(report["removed"])}
 
+    def correction(self) -> dict[str, Any]:
+        from ..cli import main
+
+        out = self.out / "correct"
+        argv = ["correct", "--dataset", "digits", "--model", "mlp", "--out", str(out),
+                "--cache-dir", str(self.out / "cache"), *self.preset.correct]
+        if self.progress is False:
+            argv.append("--no-progress")
+        if main(argv) != 0:
+            raise RuntimeError("influencekit correct failed; see the messages above.")
+        report = json.loads((out / "results.json").read_text())
+        self.save_figure("correction", (out / "fix_rate.png").read_bytes())
+        rows = report["results"]
+        n = rows[0]["targets"] if rows else 0
+        return {"rows": rows, "command": report["command"],
+                "test_accuracy": report["test_accuracy"], "params": report["params"],
+                "summary": (f"Digits MLP ({report['params']} parameters) trained briefly to test "
+                            f"accuracy {report['test_accuracy']:.3f}: each of its {n} "
+                            "mis-predicted test examples is fine-tuned on m selected training "
+                            "examples (SGD, full batch) until it is predicted right. Fix rate "
+                            "with a 95% Wilson interval, median steps to fix, and the change "
+                            "of accuracy on the rest of the test set (collateral damage).")}
+
     def spectrum(self) -> dict[str, Any]:
         m = self.mnist()
         task = ClassificationTask(m["model"])
@@ -339,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
     study = Study(out, args.preset, args.device, False if args.no_progress else None)
     sections: dict[str, Any] = {"environment": environment(args.device,
                                                            torch.get_num_threads())}
-    for name in ("models", "estimators", "spectrum", "gallery", "dynamics"):
+    for name in ("models", "estimators", "spectrum", "gallery", "dynamics", "correction"):
         sections[name] = study.stage(name, getattr(study, name))
     sections.update(_dynamics_sections(sections.pop("dynamics")))
     digits = sections["estimators"]["model"]

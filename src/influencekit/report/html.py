@@ -98,8 +98,15 @@ def render(results: dict[str, Any], figures: dict[str, bytes], out: Path) -> Pat
                           + figure(figures, "spectrum", "curvature spectrum")))
     gal = s["gallery"]
     parts.append(_section("Influence gallery", gal, _gallery(gal, figures)))
+    cor = s["correction"]
+    parts.append(_section("Correcting mis-predictions", cor, (
+        f'<p>{_esc(cor.get("summary", ""))}</p>' + table(cor.get("rows", []), [
+            ("method", "selection"), ("examples", "m"), ("targets", "targets"),
+            ("fixed", "fixed"), ("fix_rate", "fix rate"), ("median_steps_to_fix",
+                                                          "median steps"),
+            ("accuracy_change", "Δ accuracy (rest)"), ("flips", "flips")])
+        + figure(figures, "correction", "fix rate against steps"))))
     for key, title in (("divergence", "Parameter divergence"), ("fading", "Influence fading"),
-                       ("correction", "Correcting mis-predictions"),
                        ("diagnostics", "Five-assumption diagnostics")):
         parts.append(_section(title, s[key], f'<p>{_esc(s[key].get("summary", ""))}</p>'
                               + figure(figures, key, title)
