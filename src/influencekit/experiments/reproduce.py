@@ -180,38 +180,45 @@ class Study:
             model = builder()
             model.load_state_dict(state)
             model = model.to(self.device).eval()
-            self._mnist = {"data": d, "model": model, "config": cfg}
+            self._mnist = {"data": d, "model": model, "config": cfg,
+                           "task": ClassificationTask(model),
+                           "train": tuple(t.to(self.device) for t in d.train),
+                           "test": tuple(t.to(self.device) for t in d.test)}
         return self._mnist
 
     # ------------------------------------------------------------------ stages
     def models(self) -> dict[str, Any]:
         m = self.mnist()
-        task = ClassificationTask(m["model"])
-        d = m["data"]
-        x, y = (t.to(self.device) for t in d.test)
+        task, d = m["task"], m["data"]
+        x, y = m["test"]
         acc = float((task.predict(x) == y).float().mean())
         return {"rows": [{"name": self.preset.mnist_model, "dataset": "mnist",
                           "params": task.num_params, "n_train": len(d.train[1]),
                           "test_accuracy": acc, "epochs": m["config"].epochs,
                           "accuracy_on": f"{len(y)} test examples"}]}
 
-    def estimators(self) -> dict[str, Any]:
+    def run_command(self, name: str, *args: str) -> tuple[Path, dict[str, Any]]:
+        """``influencekit NAME ARGS --out OUT/NAME --cache-dir OUT/cache``: its folder and its
+        results.json."""
         from ..cli import main
 
-        p = self.preset
-        out = self.out / "evaluate"
-        argv = ["evaluate", "--dataset", "digits", "--model", "mlp", "--methods", p.methods,
-                "--n-queries", str(p.n_queries), "--n-removed", str(p.n_removed),
-                "--lds-subsets", str(p.lds_subsets), "--ground-truth", "loo-warm,lds,mislabel",
-                "--out", str(out), "--cache-dir", str(self.out / "cache"),
-                "--hidden", p.digits_hidden]
-        if p.digits_n_train:
-            argv += ["--n-train", str(p.digits_n_train)]
+        out = self.out / name
+        argv = [name, *args, "--out", str(out), "--cache-dir", str(self.out / "cache")]
         if self.progress is False:
             argv.append("--no-progress")
         if main(argv) != 0:
-            raise RuntimeError("influencekit evaluate failed; see the messages above.")
-        report = json.loads((out / "results.json").read_text())
+            raise RuntimeError(f"influencekit {name} failed; see the messages above.")
+        return out, json.loads((out / "results.json").read_text())
+
+    def estimators(self) -> dict[str, Any]:
+        p = self.preset
+        args = ["--dataset", "digits", "--model", "mlp", "--methods", p.methods,
+                "--n-queries", str(p.n_queries), "--n-removed", str(p.n_removed),
+                "--lds-subsets", str(p.lds_subsets), "--ground-truth", "loo-warm,lds,mislabel",
+                "--hidden", p.digits_hidden]
+        if p.digits_n_train:
+            args += ["--n-train", str(p.digits_n_train)]
+        _, report = self.run_command("evaluate", *args)
         from .evaluate import COLUMNS
 
         self.save_figure("quality_vs_cost", figs.quality_vs_cost(report["results"]))
@@ -228,16 +235,8 @@ class Study:
         }
 
     def dynamics(self) -> dict[str, Any]:
-        from ..cli import main
-
-        out = self.out / "dynamics"
-        argv = ["dynamics", "--dataset", "digits", "--model", "mlp", "--out", str(out),
-                "--cache-dir", str(self.out / "cache"), *self.preset.dynamics]
-        if self.progress is False:
-            argv.append("--no-progress")
-        if main(argv) != 0:
-            raise RuntimeError("influencekit dynamics failed; see the messages above.")
-        report = json.loads((out / "results.json").read_text())
+        out, report = self.run_command("dynamics", "--dataset", "digits", "--model", "mlp",
+                                       *self.preset.dynamics)
         for name, png in (("divergence", "divergence.png"), ("fading", "correlation.png"),
                           ("fading_magnitude", "magnitude.png")):
             if (out / png).is_file():
@@ -247,16 +246,8 @@ class Study:
                 "fading": report["fading"], "n_removed": len(report["removed"])}
 
     def correction(self) -> dict[str, Any]:
-        from ..cli import main
-
-        out = self.out / "correct"
-        argv = ["correct", "--dataset", "digits", "--model", "mlp", "--out", str(out),
-                "--cache-dir", str(self.out / "cache"), *self.preset.correct]
-        if self.progress is False:
-            argv.append("--no-progress")
-        if main(argv) != 0:
-            raise RuntimeError("influencekit correct failed; see the messages above.")
-        report = json.loads((out / "results.json").read_text())
+        out, report = self.run_command("correct", "--dataset", "digits", "--model", "mlp",
+                                       *self.preset.correct)
         self.save_figure("correction", (out / "fix_rate.png").read_bytes())
         rows = report["results"]
         n = rows[0]["targets"] if rows else 0
@@ -271,11 +262,8 @@ class Study:
 
     def spectrum(self) -> dict[str, Any]:
         m = self.mnist()
-        task = ClassificationTask(m["model"])
-        d = m["data"]
-        train_data = tuple(t.to(self.device) for t in d.train)
         it = self.preset.spectrum_iterations
-        pairs = curvature_eigenpairs(task, train_data, it, it, curvature="hessian",
+        pairs = curvature_eigenpairs(m["task"], m["train"], it, it, curvature="hessian",
                                      solver=Eigensolver(which="magnitude"),
                                      progress=self.progress)
         ritz = [float(v) for v in pairs.info["ritz_values"]]
@@ -292,10 +280,8 @@ class Study:
 
     def gallery(self) -> dict[str, Any]:
         m = self.mnist()
-        task = ClassificationTask(m["model"])
-        d = m["data"]
-        train_data = tuple(t.to(self.device) for t in d.train)
-        xq, yq = (t.to(self.device) for t in d.test)
+        task, d, train_data = m["task"], m["data"], m["train"]
+        xq, yq = m["test"]
         pred = task.predict(xq)
         p = self.preset
         half = max(1, p.gallery_queries // 2)
