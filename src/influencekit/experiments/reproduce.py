@@ -98,10 +98,10 @@ PRESETS = {
                             "--epochs", "2", "--train-lr", "0.05", "--examples", "4",
                             "--steps", "3", "--methods", "graddot,random")),
     "quick": Preset(None, 50, 20, 20,
-                    "exact:curvature=ggn,cg:curvature=ggn,arnoldi,arnoldi-topk,"
+                    "exact:curvature=ggn,cg:curvature=ggn:mislabel=False,arnoldi,arnoldi-topk,"
                     "arnoldi-complement,graddot,gradcos", "cnn", 4000, 3, 6, 4, 100),
     "paper": Preset(None, 100, 40, 50,
-                    "exact:curvature=ggn,exact,cg:curvature=ggn,lissa:curvature=ggn,arnoldi,"
+                    "exact:curvature=ggn,exact,cg:curvature=ggn:mislabel=False,lissa:curvature=ggn,arnoldi,"
                     "arnoldi-topk,arnoldi-complement,graddot,gradcos", "resnet", 4000, 8, 8, 5,
                     200, dynamics=()),
 }
