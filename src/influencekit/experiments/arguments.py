@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -99,3 +100,33 @@ def constructor_options(factory: Callable[..., Any]) -> list[str] | None:
                 p.kind is p.VAR_KEYWORD for p in params.values()):
             return names
     return None
+
+
+def add_run_options(p: argparse.ArgumentParser | Any, command: str, cache_help: str) -> None:
+    """The options every study subcommand shares: ``--threads``, ``--out``, ``--cache-dir``,
+    ``--no-progress``."""
+    p.add_argument("--threads", type=count(), default=None, help="torch CPU threads")
+    p.add_argument("--out", type=folder, default=None,
+                   help=f"output folder (runs/{command}/DATA-MODEL)")
+    p.add_argument("--cache-dir", type=folder,
+                   default=str(Path.home() / ".cache" / "influencekit"), help=cache_help)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def log(msg: str) -> None:
+    """A progress message on standard error (results go to standard output)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def command_line(command: str, args: argparse.Namespace) -> str:
+    """``influencekit COMMAND --flag=value ...``: the command line that reproduces a run (built
+    from the parsed arguments, so it is right for in-process calls too)."""
+    out = [f"influencekit {command}"]
+    for k, v in vars(args).items():
+        if k in ("run", "command") or v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, tuple):
+            v = ",".join(map(str, v))
+        out.append(flag if v is True else f"{flag}={v}")
+    return " ".join(out)

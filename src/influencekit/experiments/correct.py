@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -89,16 +88,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a("--weight-decay", type=arg.number(0.0), default=1e-3,
       help="training L2; also the estimators' damping")
     a("--seed", type=arg.count(0), default=0, help="split, init, order and selection seed")
-    a("--threads", type=arg.count(), default=None, help="torch CPU threads")
-    a("--out", type=arg.folder, default=None, help="output folder (runs/correct/DATA-MODEL)")
-    a("--cache-dir", type=arg.folder, default=str(Path.home() / ".cache" / "influencekit"),
-      help="training checkpoints and per-target records (a rerun resumes)")
-    a("--no-progress", action="store_true", help="hide progress bars")
+    arg.add_run_options(p, "correct",
+                        "training checkpoints and per-target records (a rerun resumes)")
     p.set_defaults(run=run)
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _estimator(name: str, options: dict[str, Any], task: ClassificationTask, ckpt: Path,
@@ -131,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                     checkpoint_every=max(1, args.epochs // 6), progress=progress).run().model
     task = ClassificationTask(model)
     acc = float((task.predict(d.test[0]) == d.test[1]).float().mean())
-    _log(f"model: {task.num_params} parameters, test accuracy {acc:.4f} on {len(d.test[1])} "
+    arg.log(f"model: {task.num_params} parameters, test accuracy {acc:.4f} on {len(d.test[1])} "
          f"({time.perf_counter() - t0:.0f}s)")
     rows: list[dict[str, Any]] = []
     for label, name, options in methods:
@@ -157,11 +149,11 @@ def run(args: argparse.Namespace) -> int:
             row = res.summary()
             row["fit_seconds"] = fit_s
             rows.append(row)
-            _log(f"{label} m={m}: fixed {row['fixed']}/{row['targets']}, median steps "
+            arg.log(f"{label} m={m}: fixed {row['fixed']}/{row['targets']}, median steps "
                  f"{row['median_steps_to_fix']}, Δacc {_pct(row['accuracy_change'])}, "
                  f"flips {_num(row['flips'])}")
     report = {
-        "command": "influencekit correct " + " ".join(sys.argv[2:]),
+        "command": arg.command_line("correct", args),
         "settings": {k: v for k, v in vars(args).items() if k != "run"},
         "train_config": asdict(cfg), "params": task.num_params, "test_accuracy": acc,
         "n_train": len(d.train[1]), "n_queries": len(d.test[1]),
@@ -178,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(md, out / "results.md")
     atomic_write(out / "fix_rate.png", plot(rows))
     print(markdown_table(rows, args.steps))
-    _log(f"saved {out}/results.json, results.md, fix_rate.png "
+    arg.log(f"saved {out}/results.json, results.md, fix_rate.png "
          f"({report['total_seconds']:.0f}s in all)")
     return 0
 

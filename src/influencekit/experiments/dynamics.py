@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -43,7 +42,7 @@ from ..store import atomic_write_text
 from ..task import ClassificationTask, default_forward, output_tensor
 from ..training import TrainConfig
 from . import arguments as arg
-from .evaluate import _image_layout, _model_builder, parse_methods
+from .evaluate import _image_layout, _model_builder, load_dataset, parse_methods
 
 TRAJECTORY_METHODS = ("unrolled", "same-time")
 DEFAULT_METHODS = "exact,arnoldi,arnoldi-topk,graddot,unrolled,same-time"
@@ -147,16 +146,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a("--threshold", type=arg.number(), default=0.5, help="correlation of the horizon")
     a("--seed", type=arg.count(0), default=0, help="split, order, init and removal seed")
     a("--quick", action="store_true", help="small sizes (see each flag's default)")
-    a("--threads", type=arg.count(), default=None, help="torch CPU threads")
-    a("--out", type=arg.folder, default=None, help="output folder (runs/dynamics/DATA-MODEL)")
-    a("--cache-dir", type=arg.folder, default=str(Path.home() / ".cache" / "influencekit"),
-      help="where the start point and the twin runs are stored")
-    a("--no-progress", action="store_true", help="hide progress bars")
+    arg.add_run_options(p, "dynamics", "where the start point and the twin runs are stored")
     p.set_defaults(run=run)
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -183,16 +174,7 @@ def _prepare(args: argparse.Namespace) -> None:
 def load_data(args: argparse.Namespace) -> tuple[ik_data.DataSplits, tuple[Any, Any]]:
     """The training data, the queries (the first ``--n-queries`` test examples) and the whole
     test set (for the start point's accuracy), shaped or tokenised for ``--model``."""
-    kw: dict[str, Any] = {"seed": args.seed}
-    if args.n_train is not None:
-        kw["n_train"] = args.n_train
-    try:
-        d = ik_data.load(args.dataset, **kw)
-    except InputError as e:
-        raise InputError(f"--dataset {args.dataset}: {e}") from e
-    n_test = len(d.test[1])
-    if args.n_queries > n_test:
-        raise InputError(f"--n-queries {args.n_queries} exceeds the {n_test} test examples.")
+    d = load_dataset(args)
     if ik_models.INPUTS[args.model] == "text":
         from ..models.bert import load_tokenizer, tokenize
 
@@ -263,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     removed = torch.randperm(len(d.train[1]), generator=gen)[:args.n_removed].tolist()
     acc = {"test": accuracy(start, full_test), "train": accuracy(start, d.train),
            "n_test": len(full_test[1])}
-    _log(f"start point: {args.start_epochs} epochs, test accuracy {acc['test']:.4f} on "
+    arg.log(f"start point: {args.start_epochs} epochs, test accuracy {acc['test']:.4f} on "
          f"{acc['n_test']}, train {acc['train']:.4f} ({time.perf_counter() - t0:.0f}s)")
 
     t1 = time.perf_counter()
@@ -271,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
                      record_every=args.record_every, control_seeds=args.control_seeds,
                      store=cache, progress=progress)
     twin_s = time.perf_counter() - t1
-    _log(f"twin runs: {len(removed)} twins, {len(args.control_seeds)} controls, "
+    arg.log(f"twin runs: {len(removed)} twins, {len(args.control_seeds)} controls, "
          f"{int(runs.steps[-1])} steps ({twin_s:.0f}s)")
 
     scores: dict[str, torch.Tensor] = {}
@@ -297,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
     curves = {label: fading_curve(runs, s) for label, s in scores.items()}
     horizons = {label: c.horizon(args.threshold) for label, c in curves.items()}
     report = {
-        "command": "influencekit dynamics " + " ".join(sys.argv[2:]),
+        "command": arg.command_line("dynamics", args),
         "settings": {k: v for k, v in vars(args).items() if k != "run"},
         "start_config": asdict(start_cfg), "config": asdict(cfg), "removed": removed,
         "n_train": len(d.train[1]), "n_queries": len(d.test[1]), "start_accuracy": acc,
@@ -312,14 +294,14 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(json.dumps(report, default=str), out / "results.json")
     plot(runs, curves, out)
     g = growth.twins
-    _log(f"growth rate of log‖Δθ‖: {g.rate:.2e}/step [{g.low:.2e}, {g.high:.2e}]"
+    arg.log(f"growth rate of log‖Δθ‖: {g.rate:.2e}/step [{g.low:.2e}, {g.high:.2e}]"
          + (f"; control {growth.control.rate:.2e}/step" if growth.control else ""))
     for label, c in curves.items():
         print(f"{label:>20}: Spearman {c.spearman[0]:.3f} (step {int(c.steps[0])}) → "
               f"{c.spearman[-1]:.3f} (step {int(c.steps[-1])}), max {np.nanmax(c.spearman):.3f};"
               f" horizon({args.threshold:g}) = {horizons[label]:g}; |actual|/|predicted| "
               f"{c.magnitude_ratio[0]:.2f} → {c.magnitude_ratio[-1]:.2f}")
-    _log(f"saved {out}/results.json and plots ({time.perf_counter() - t0:.0f}s in all)")
+    arg.log(f"saved {out}/results.json and plots ({time.perf_counter() - t0:.0f}s in all)")
     return 0
 
 

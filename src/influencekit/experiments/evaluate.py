@@ -267,7 +267,9 @@ def _model_builder(args: argparse.Namespace, d: ik_data.DataSplits) -> Callable[
     return lambda: ik_models.build(args.model, seed=args.seed, **kw)
 
 
-def _load(args: argparse.Namespace) -> ik_data.DataSplits:
+def load_dataset(args: argparse.Namespace) -> ik_data.DataSplits:
+    """The built-in ``--dataset`` (split with ``--seed``, ``--n-train`` examples), refusing more
+    ``--n-queries`` than it has test examples."""
     kw: dict[str, Any] = {"seed": args.seed}
     if args.n_train is not None:
         kw["n_train"] = args.n_train
@@ -278,6 +280,11 @@ def _load(args: argparse.Namespace) -> ik_data.DataSplits:
     n_test = len(d.test[1])
     if args.n_queries > n_test:
         raise InputError(f"--n-queries {args.n_queries} exceeds the {n_test} test examples.")
+    return d
+
+
+def _load(args: argparse.Namespace) -> ik_data.DataSplits:
+    d = load_dataset(args)
     if ik_models.INPUTS[args.model] == "image" and len(d.input_shape) == 1:
         channels, side = _image_layout(d.input_shape, args)
         d.train = (d.train[0].reshape(-1, channels, side, side), d.train[1])
@@ -414,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
     results, reference = run_methods(methods, ClassificationTask(model), gt, damping, progress)
     rows = [row_summary(r) for r in results]
     report = {
-        "command": "influencekit evaluate " + " ".join(_argv(args)),
+        "command": arg.command_line("evaluate", args),
         "settings": {k: v for k, v in vars(args).items() if k != "run"},
         "train_config": asdict(cfg), "damping": damping, "model": info, "reference": reference,
         "n_train": len(d.train[1]), "n_queries": len(d.test[1]),
@@ -426,16 +433,3 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(rows))
     _log(f"saved {json_path} and {md_path} ({report['total_seconds']:.0f}s in all)")
     return 0
-
-
-def _argv(args: argparse.Namespace) -> list[str]:
-    """The arguments as a command line that reproduces the run."""
-    out = []
-    for k, v in vars(args).items():
-        if k in ("run", "command") or v is None or v is False:
-            continue
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, tuple):
-            v = ",".join(map(str, v))
-        out.append(flag if v is True else f"{flag}={v}")
-    return out
