@@ -99,10 +99,10 @@ PRESETS = {
                             "--steps", "3", "--methods", "graddot,random")),
     "quick": Preset(None, 50, 20, 20,
                     "exact:curvature=ggn,cg:curvature=ggn:mislabel=False,arnoldi,arnoldi-topk,"
-                    "arnoldi-complement,graddot,gradcos", "cnn", 4000, 3, 6, 4, 100),
+                    "arnoldi-complement,graddot,gradcos", "cnn", 4000, 10, 6, 4, 100),
     "paper": Preset(None, 100, 40, 50,
                     "exact:curvature=ggn,exact,cg:curvature=ggn:mislabel=False,lissa:curvature=ggn,arnoldi,"
-                    "arnoldi-topk,arnoldi-complement,graddot,gradcos", "resnet", 4000, 8, 8, 5,
+                    "arnoldi-topk,arnoldi-complement,graddot,gradcos", "resnet", 4000, 12, 8, 5,
                     200, dynamics=()),
 }
 
@@ -305,11 +305,25 @@ class Study:
                                                           figs.thumbnail(d.train[0][i]))}
                                for i, s in zip(idx[row], sc[row])]
             queries.append(entry)
-        return {"queries": queries, "estimator": repr(est),
+
+        def share(qs: list[dict[str, Any]], key: str) -> float:
+            labels = [(q[key], ex["label"]) for q in qs for ex in q["proponents"]]
+            return sum(a == b for a, b in labels) / max(len(labels), 1)
+
+        ok = [q for q in queries if q["label"] == q["predicted"]]
+        bad = [q for q in queries if q["label"] != q["predicted"]]
+        stats = {"proponents_with_label_correct": share(ok, "label"),
+                 "proponents_with_label_mispredicted": share(bad, "label"),
+                 "proponents_with_prediction_mispredicted": share(bad, "predicted")}
+        return {"queries": queries, "estimator": repr(est), **stats,
                 "note": (f"Default ArnoldiInfluence on the {p.mnist_model} "
-                         f"({len(right)} correct and {len(wrong)} mis-predicted test queries). "
-                         "Proponents share the query's label and look like it; a mis-predicted "
-                         "query's proponents often carry the wrong (predicted) label.")}
+                         f"({len(ok)} correct and {len(bad)} mis-predicted test queries). Of the "
+                         "top proponents of correct queries, "
+                         f"{stats['proponents_with_label_correct']:.0%} share the query's label; "
+                         "of those of mis-predicted queries, "
+                         f"{stats['proponents_with_label_mispredicted']:.0%} carry the true and "
+                         f"{stats['proponents_with_prediction_mispredicted']:.0%} the predicted "
+                         "label.")}
 
 
 def _dynamics_sections(dyn: dict[str, Any]) -> dict[str, Any]:

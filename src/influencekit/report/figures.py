@@ -38,8 +38,9 @@ def quality_vs_cost(rows: Sequence[dict[str, Any]], metric: str = "lds") -> byte
         ax.annotate(r["method"], (t, q), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("fit + scores, seconds (log scale)")
-    ax.set_ylabel(metric.upper() if metric == "lds" else metric)
-    ax.set_title(f"Estimator quality ({metric}) against cost")
+    name = metric.upper() if metric == "lds" else metric
+    ax.set_ylabel(name)
+    ax.set_title(f"Estimator quality ({name}) against cost")
     ax.grid(alpha=0.3)
     return _png(fig)
 
