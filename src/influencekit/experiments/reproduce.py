@@ -97,12 +97,13 @@ PRESETS = {
                    correct=("--hidden", "4", "--n-train", "150", "--n-queries", "30",
                             "--epochs", "2", "--train-lr", "0.05", "--examples", "4",
                             "--steps", "3", "--methods", "graddot,random")),
-    "quick": Preset(None, 50, 20, 20,
+    "quick": Preset(None, 100, 40, 50,
                     "exact:curvature=ggn,cg:curvature=ggn:mislabel=False,arnoldi,arnoldi-topk,"
-                    "arnoldi-complement,graddot,gradcos", "cnn", 4000, 10, 6, 4, 100),
+                    "arnoldi-complement,ekfac,trak,graddot,gradcos", "resnet", 4000, 15, 6, 4,
+                    100),
     "paper": Preset(None, 100, 40, 50,
                     "exact:curvature=ggn,exact,cg:curvature=ggn:mislabel=False,lissa:curvature=ggn,arnoldi,"
-                    "arnoldi-topk,arnoldi-complement,graddot,gradcos", "resnet", 4000, 12, 8, 5,
+                    "arnoldi-topk,arnoldi-complement,graddot,gradcos", "resnet", 4000, 20, 8, 5,
                     200, dynamics=()),
 }
 
@@ -168,7 +169,7 @@ class Study:
         if self._mnist is None:
             p = self.preset
             d = ik_data.load("mnist", n_train=p.mnist_n_train)
-            cfg = TrainConfig(epochs=p.mnist_epochs, batch_size=64, lr=0.05, schedule="cosine",
+            cfg = TrainConfig(epochs=p.mnist_epochs, batch_size=64, lr=0.1, schedule="cosine",
                               weight_decay=5e-4, seed=0, init_seed=0)
 
             def builder() -> torch.nn.Module:
@@ -306,24 +307,25 @@ class Study:
                                for i, s in zip(idx[row], sc[row])]
             queries.append(entry)
 
-        def share(qs: list[dict[str, Any]], key: str) -> float:
-            labels = [(q[key], ex["label"]) for q in qs for ex in q["proponents"]]
+        def share(qs: list[dict[str, Any]], key: str, kind: str) -> float:
+            labels = [(q[key], ex["label"]) for q in qs for ex in q[kind]]
             return sum(a == b for a, b in labels) / max(len(labels), 1)
 
         ok = [q for q in queries if q["label"] == q["predicted"]]
         bad = [q for q in queries if q["label"] != q["predicted"]]
-        stats = {"proponents_with_label_correct": share(ok, "label"),
-                 "proponents_with_label_mispredicted": share(bad, "label"),
-                 "proponents_with_prediction_mispredicted": share(bad, "predicted")}
+        stats = {"proponents_with_label": share(queries, "label", "proponents"),
+                 "opponents_with_label": share(queries, "label", "opponents"),
+                 "opponents_with_prediction_mispredicted": share(bad, "predicted",
+                                                                 "opponents")}
         return {"queries": queries, "estimator": repr(est), **stats,
                 "note": (f"Default ArnoldiInfluence on the {p.mnist_model} "
-                         f"({len(ok)} correct and {len(bad)} mis-predicted test queries). Of the "
-                         "top proponents of correct queries, "
-                         f"{stats['proponents_with_label_correct']:.0%} share the query's label; "
-                         "of those of mis-predicted queries, "
-                         f"{stats['proponents_with_label_mispredicted']:.0%} carry the true and "
-                         f"{stats['proponents_with_prediction_mispredicted']:.0%} the predicted "
-                         "label.")}
+                         f"({len(ok)} correct and {len(bad)} mis-predicted test queries; the "
+                         "measurement is the loss at the true label). "
+                         f"{stats['proponents_with_label']:.0%} of the top proponents and "
+                         f"{stats['opponents_with_label']:.0%} of the top opponents share the "
+                         "query's true label; of the opponents of mis-predicted queries, "
+                         f"{stats['opponents_with_prediction_mispredicted']:.0%} carry the "
+                         "(wrong) predicted label.")}
 
 
 def _dynamics_sections(dyn: dict[str, Any]) -> dict[str, Any]:
