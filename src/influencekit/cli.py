@@ -15,12 +15,12 @@ import sys
 from .errors import InfluenceError
 
 # subcommand name -> module under influencekit.experiments (with add_parser and run)
-SUBCOMMANDS = {
-    "demo": "influencekit.experiments.demo",
-    "evaluate": "influencekit.experiments.evaluate",
+SUBCOMMANDS = {  # in the order `influencekit --help` lists them
     "reproduce": "influencekit.experiments.reproduce",
+    "evaluate": "influencekit.experiments.evaluate",
     "dynamics": "influencekit.experiments.dynamics",
     "correct": "influencekit.experiments.correct",
+    "demo": "influencekit.experiments.demo",
 }
 
 

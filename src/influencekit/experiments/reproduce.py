@@ -1,7 +1,8 @@
 """``influencekit reproduce``: the paper's study end to end, as a browsable report.
 
-Stages (each cached under ``OUT/stages`` and skipped when rerun with the same settings, so an
-interrupted run picks up where it stopped and a finished one only rebuilds the report):
+Stages (each cached under ``OUT/stages``, keyed by the preset's settings and the influencekit
+version, and skipped when rerun, so an interrupted run picks up where it stopped and a finished one
+only rebuilds the report; delete ``OUT/stages/NAME.json`` to recompute one stage):
 
   models       train the built-in image model on mnist; report its test accuracy
   estimators   ``influencekit evaluate`` on the digits MLP: every estimator against
