@@ -33,6 +33,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -234,14 +235,11 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def _mean(v: Sequence[float]) -> float | None:
-    return sum(v) / len(v) if v else None
+    return statistics.fmean(v) if v else None
 
 
 def _median(v: Sequence[int]) -> float | None:
-    if not v:
-        return None
-    s, h = sorted(v), len(v) // 2
-    return float(s[h]) if len(s) % 2 else (s[h - 1] + s[h]) / 2
+    return float(statistics.median(v)) if v else None
 
 
 # --------------------------------------------------------------------------- checks

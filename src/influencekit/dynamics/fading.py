@@ -18,21 +18,12 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from scipy import stats
 
 from .. import validate
 from ..errors import InputError
-from ..groundtruth.metrics import mean_spearman
+from ..groundtruth.metrics import ArrayLike, as_numpy, mean_spearman, pearson
 from .twins import TwinRuns
-
-ArrayLike = torch.Tensor | np.ndarray
-
-
-def _np(a: ArrayLike) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().double().numpy()
-    return np.asarray(a, dtype=np.float64)
 
 
 @dataclass
@@ -78,7 +69,7 @@ def log_slope(steps: ArrayLike, curves: ArrayLike, *, start: int | None = None,
     The interval: percentile bootstrap over the curves (columns) when there are several, else
     the t-interval of the regression slope.
     """
-    x, y = _np(steps), _np(curves)
+    x, y = as_numpy(steps), as_numpy(curves)
     y = y.reshape(len(x), -1)
     if y.shape[1] == 0:
         raise InputError("log_slope needs at least one curve.")
@@ -136,21 +127,15 @@ def predicted_effect(runs: TwinRuns, scores: ArrayLike) -> np.ndarray:
     Args:
         scores: ``[Q, n_train]`` (all training examples) or ``[Q, P]`` (the perturbed ones).
     """
-    s = _np(scores)
+    s = as_numpy(scores)
     q = runs.measure_ref.shape[1]
     p = len(runs.examples)
     if s.ndim != 2 or s.shape[0] != q or s.shape[1] not in (p, runs.n_train):
         raise InputError(f"scores must be [{q}, {runs.n_train}] (queries × training examples) "
                          f"or [{q}, {p}] (queries × perturbed examples), got {s.shape}.")
     if s.shape[1] == runs.n_train:
-        s = s[:, _np(runs.examples).astype(int)]
-    return (-_np(runs.delta_w)[:, None] * s.T) / runs.n_train
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    d = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / d) if d > 0 else math.nan
+        s = s[:, as_numpy(runs.examples).astype(int)]
+    return (-as_numpy(runs.delta_w)[:, None] * s.T) / runs.n_train
 
 
 @dataclass
@@ -180,22 +165,22 @@ class FadingCurve:
 
 def effect_magnitude(runs: TwinRuns) -> np.ndarray:
     """Mean ``|m_B(q) − m_A(q)|`` over (example, query) pairs at each recorded step, ``[R]``."""
-    return np.abs(_np(runs.effect)).reshape(len(runs.steps), -1).mean(axis=1)
+    return np.abs(as_numpy(runs.effect)).reshape(len(runs.steps), -1).mean(axis=1)
 
 
 def fading_curve(runs: TwinRuns, scores: ArrayLike) -> FadingCurve:
     """Correlation between predicted (from ``scores``, see :func:`predicted_effect`) and actual
     change of the measurement, as a function of the step."""
     pred = predicted_effect(runs, scores)  # [P, Q]
-    actual = _np(runs.effect)  # [R, P, Q]
+    actual = as_numpy(runs.effect)  # [R, P, Q]
     flat = pred.reshape(-1)
     rank_pred = stats.rankdata(flat)
-    pearson, spearman, per_query = [], [], []
+    linear, ranked, per_query = [], [], []
     for a in actual:
-        pearson.append(_pearson(flat, a.reshape(-1)))
-        spearman.append(_pearson(rank_pred, stats.rankdata(a.reshape(-1))))
+        linear.append(pearson(flat, a.reshape(-1)))
+        ranked.append(pearson(rank_pred, stats.rankdata(a.reshape(-1))))
         per_query.append(mean_spearman(pred.T, a.T) if pred.shape[0] > 1 else math.nan)
-    return FadingCurve(_np(runs.steps), np.array(pearson), np.array(spearman),
+    return FadingCurve(as_numpy(runs.steps), np.array(linear), np.array(ranked),
                        np.array(per_query), effect_magnitude(runs),
                        float(np.abs(pred).mean()))
 
@@ -207,7 +192,7 @@ def influence_horizon(steps: ArrayLike, correlation: ArrayLike, threshold: float
     ``0`` when it never reaches the threshold (not predictive at any recorded step). NaN values
     count as below.
     """
-    x, c = _np(steps), _np(correlation)
+    x, c = as_numpy(steps), as_numpy(correlation)
     if x.shape != c.shape or x.ndim != 1:
         raise InputError(f"steps and correlation must be 1-D of one length, got {x.shape} and "
                          f"{c.shape}.")

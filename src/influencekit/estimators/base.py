@@ -247,9 +247,7 @@ class Estimator:
         pending: list[Any] = []
         size = 0
         for batch in iter_batches(queries, self.batch_size):
-            batch = to_device(batch, self.task.device)
-            self.task.check_batch(batch)
-            pending.append(fn(batch))
+            pending.append(fn(to_device(batch, self.task.device)))  # fn's autodiff checks it
             size += _rows(pending[-1])
             while size >= chunk:
                 block = _cat(pending)

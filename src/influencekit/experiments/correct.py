@@ -205,9 +205,9 @@ def markdown_table(rows: list[dict[str, Any]], steps: int) -> str:
 
 def plot(rows: list[dict[str, Any]]) -> bytes:
     """Fix rate vs steps, one line per method, one panel per budget m (PNG bytes)."""
-    from ..report.figures import _plt, _png
+    from ..report.figures import png, pyplot
 
-    plt = _plt()
+    plt = pyplot()
     ms = sorted({r["examples"] for r in rows})
     fig, axes = plt.subplots(1, len(ms), figsize=(5.2 * len(ms), 3.8), squeeze=False)
     for ax, m in zip(axes[0], ms):
@@ -219,4 +219,4 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
                title=f"m = {m} examples")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _png(fig)
+    return png(fig)

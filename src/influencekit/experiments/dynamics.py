@@ -30,6 +30,7 @@ from .. import data as ik_data
 from .. import models as ik_models
 from ..batching import slice_batch
 from ..dynamics import (
+    effect_magnitude,
     fading_curve,
     growth_rate,
     trajectory_influence,
@@ -38,7 +39,8 @@ from ..dynamics import (
 from ..errors import InputError
 from ..estimators import METHODS
 from ..groundtruth import Cache, Retrainer
-from ..store import atomic_write_text
+from ..report.figures import png, pyplot
+from ..store import atomic_write, atomic_write_text
 from ..task import ClassificationTask, default_forward, output_tensor
 from ..training import TrainConfig
 from . import arguments as arg
@@ -307,11 +309,7 @@ def run(args: argparse.Namespace) -> int:
 
 def plot(runs: Any, curves: dict[str, Any], out: Path) -> None:
     """divergence.png, correlation.png and magnitude.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = runs.steps.numpy()
     fig, ax = plt.subplots(figsize=(6, 4))
     div = runs.divergence.numpy()
@@ -325,8 +323,7 @@ def plot(runs: Any, curves: dict[str, Any], out: Path) -> None:
     ax.set(yscale="log", xlabel="step", ylabel="‖θ_B − θ_A‖", title="parameter divergence")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "divergence.png", dpi=120)
-    plt.close(fig)
+    atomic_write(out / "divergence.png", png(fig))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, c in curves.items():
@@ -335,12 +332,11 @@ def plot(runs: Any, curves: dict[str, Any], out: Path) -> None:
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "correlation.png", dpi=120)
-    plt.close(fig)
+    atomic_write(out / "correlation.png", png(fig))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     first = next(iter(curves.values()), None)
-    mag = np.abs(runs.effect.numpy()).reshape(len(steps), -1).mean(axis=1)
+    mag = effect_magnitude(runs)
     ax.plot(steps, mag, color="k", label="actual mean |Δm|")
     for i, (label, c) in enumerate(curves.items()):
         ax.axhline(c.predicted_magnitude, ls="--", color=f"C{i}", label=f"{label} predicted")
@@ -348,5 +344,4 @@ def plot(runs: Any, curves: dict[str, Any], out: Path) -> None:
     if first is not None:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "magnitude.png", dpi=120)
-    plt.close(fig)
+    atomic_write(out / "magnitude.png", png(fig))

@@ -7,6 +7,8 @@ including a subset ``S`` should lower ``m(q)`` by about ``Σ_{x∈S} score``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from scipy.stats import rankdata
@@ -16,7 +18,8 @@ from ..errors import InputError
 ArrayLike = torch.Tensor | np.ndarray
 
 
-def _np(a: ArrayLike) -> np.ndarray:
+def as_numpy(a: ArrayLike) -> np.ndarray:
+    """A tensor or array as a float64 numpy array."""
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().double().numpy()
     return np.asarray(a, dtype=np.float64)
@@ -25,7 +28,7 @@ def _np(a: ArrayLike) -> np.ndarray:
 def rowwise_spearman(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     """Spearman rank correlation between ``a[i]`` and ``b[i]`` for every row ``i`` (ties get
     average ranks); NaN for a row where either side is constant."""
-    a, b = _np(a), _np(b)
+    a, b = as_numpy(a), as_numpy(b)
     if a.shape != b.shape or a.ndim != 2:
         raise InputError(f"rowwise_spearman needs two 2-D arrays of one shape, got {a.shape} "
                          f"and {b.shape}.")
@@ -35,6 +38,14 @@ def rowwise_spearman(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     denom = np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, (ra * rb).sum(1) / np.where(denom > 0, denom, 1.0), np.nan)
+
+
+def pearson(a: ArrayLike, b: ArrayLike) -> float:
+    """Pearson correlation of two flat arrays; NaN when either is constant."""
+    a, b = as_numpy(a), as_numpy(b)
+    a, b = a - a.mean(), b - b.mean()
+    d = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / d) if d > 0 else math.nan
 
 
 def _mean(values: np.ndarray) -> float:
@@ -55,7 +66,7 @@ def loo_correlation(scores: ArrayLike, delta: ArrayLike) -> float:
     Args:
         scores: ``[Q, K]`` scores of the removed examples. delta: ``[K, Q]``.
     """
-    s, d = _np(scores), _np(delta)
+    s, d = as_numpy(scores), as_numpy(delta)
     if d.shape != s.shape[::-1]:
         raise InputError(f"scores are {s.shape} (queries × removed) but delta is {d.shape}; "
                          "delta must be removed × queries.")
@@ -73,7 +84,7 @@ def lds(scores: ArrayLike, subsets: ArrayLike, values: ArrayLike) -> float:
         scores: ``[Q, N]``. subsets: ``[M, N]`` 0/1 membership. values: ``[M, Q]`` the
             measurement of each query for the model trained on each subset.
     """
-    s, z, v = _np(scores), _np(subsets), _np(values)
+    s, z, v = as_numpy(scores), as_numpy(subsets), as_numpy(values)
     if z.shape[1] != s.shape[1] or v.shape != (z.shape[0], s.shape[0]):
         raise InputError(f"lds: scores {s.shape} (Q × N), subsets {z.shape} (M × N) and values "
                          f"{v.shape} (M × Q) do not fit together.")
@@ -83,8 +94,8 @@ def lds(scores: ArrayLike, subsets: ArrayLike, values: ArrayLike) -> float:
 
 def auc(scores: ArrayLike, positives: ArrayLike) -> float:
     """Area under the ROC curve of ``scores`` for detecting ``positives`` (ties count ½)."""
-    s = _np(scores).reshape(-1)
-    pos = _np(positives).reshape(-1).astype(bool)
+    s = as_numpy(scores).reshape(-1)
+    pos = as_numpy(positives).reshape(-1).astype(bool)
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if s.shape != pos.shape or n_pos == 0 or n_neg == 0:
         raise InputError("auc needs scores and labels of one length with both classes present.")
@@ -94,8 +105,8 @@ def auc(scores: ArrayLike, positives: ArrayLike) -> float:
 
 def fraction_found(scores: ArrayLike, positives: ArrayLike, inspect: float = 0.1) -> float:
     """Fraction of the positives among the top ``inspect`` fraction of examples by score."""
-    s = _np(scores).reshape(-1)
-    pos = _np(positives).reshape(-1).astype(bool)
+    s = as_numpy(scores).reshape(-1)
+    pos = as_numpy(positives).reshape(-1).astype(bool)
     if not 0 < inspect <= 1:
         raise InputError(f"inspect must lie in (0, 1], got {inspect}.")
     if not pos.any():

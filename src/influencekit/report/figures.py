@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,16 +20,17 @@ def _plt() -> Any:
     return plt
 
 
-def _png(fig: Any) -> bytes:
+def png(fig: Any) -> bytes:
+    """A figure as PNG bytes (the figure is closed)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
 def quality_vs_cost(rows: Sequence[dict[str, Any]], metric: str = "lds") -> bytes:
     """Each method's ``metric`` against its wall time (log scale)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.2, 4.0))
     for r in rows:
         t, q = r.get("time_s"), r.get(metric)
@@ -42,12 +44,12 @@ def quality_vs_cost(rows: Sequence[dict[str, Any]], metric: str = "lds") -> byte
     ax.set_ylabel(name)
     ax.set_title(f"Estimator quality ({name}) against cost")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def spectrum(values: Sequence[float], title: str) -> bytes:
     """Ritz values of the curvature, sorted, on a symmetric log scale."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.2, 3.6))
     v = sorted(values, reverse=True)
     ax.plot(range(1, len(v) + 1), v, marker=".", lw=1)
@@ -57,12 +59,12 @@ def spectrum(values: Sequence[float], title: str) -> bytes:
     ax.set_ylabel("eigenvalue")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def thumbnail(image: torch.Tensor, size: float = 0.9) -> bytes:
     """A grey-scale image ``[H, W]`` or ``[1, H, W]`` (or a flat square one) as a small PNG."""
-    plt = _plt()
+    plt = pyplot()
     img = image.detach().float().cpu()
     if img.dim() == 3:
         img = img[0]
@@ -72,4 +74,4 @@ def thumbnail(image: torch.Tensor, size: float = 0.9) -> bytes:
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(img.numpy(), cmap="gray_r")
     ax.axis("off")
-    return _png(fig)
+    return png(fig)
