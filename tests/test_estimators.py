@@ -235,11 +235,11 @@ def test_non_loss_measurements_with_every_estimator(mlp, measurement, name):
     if name.startswith("arnoldi"):
         solver = ik.Eigensolver(which="magnitude", sampling="full")
         est = ik.METHODS[name](task, rank=5, iterations=30, damping=damping,
-                               solver=solver).fit(train)
+                               curvature="hessian", solver=solver).fit(train)
         assert rel_error(est.scores(q), est.precondition(gq) @ gx.T) < 1e-10
         if name == "arnoldi-topk":  # at full rank it is the exact inverse
             full = ik.METHODS[name](task, rank=p, iterations=p, damping=damping,
-                                    solver=solver).fit(train)
+                                    curvature="hessian", solver=solver).fit(train)
             assert rel_error(full.scores(q), exact) < 1e-6
         return
     if name == "lissa":  # well conditioned (λ ≥ 0.3·λ_max) to keep the recursion short

@@ -55,4 +55,5 @@ def test_report_renders_without_errors(tiny_report, tmp_path):
         browser.close()
     assert not errors, errors
     assert images and all(ok for _, ok in images), [alt for alt, ok in images if not ok]
-    assert {"Models", "Influence gallery", "Parameter divergence"} <= set(headings)
+    assert {"Models", "Influence gallery", "Parameter divergence",
+            "Five-assumption diagnostics"} <= set(headings)

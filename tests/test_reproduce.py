@@ -40,8 +40,19 @@ def test_results_schema(report):
     assert {"graddot", "unrolled", "same-time"} <= set(s["fading"]["horizon"])
     assert {r["method"] for r in s["correction"]["rows"]} == {"graddot", "random"}
     assert all(0 <= r["fixed"] <= r["targets"] for r in s["correction"]["rows"])
+    diag = s["diagnostics"]
+    assert diag["status"] == "done" and len(diag["rows"]) == 1
+    row = diag["rows"][0]
+    assert set(row["verdicts"]) == {"convexity", "stability", "trajectory", "divergence",
+                                    "linearity"}
+    assert set(row["verdicts"].values()) <= {"holds", "weak", "fails"}
+    assert row["trust"].startswith("trust: ")
     for q in s["gallery"]["queries"]:
         assert len(q["proponents"]) == len(q["opponents"]) == 3
+        if q["label"] != q["predicted"]:  # mis-predicted: the correction that was tried
+            fix = q["correction"]
+            assert fix["fixed"] == (fix["steps_to_fix"] is not None)
+            assert fix["predictions"][0] == q["predicted"]
         assert all(p["score"] >= o["score"] for p, o in zip(q["proponents"], q["opponents"]))
 
 
@@ -52,7 +63,7 @@ def test_page_is_self_contained(report):
     sources = re.findall(r'src="([^"]+)"', page)
     assert sources and all(src.startswith("data:image/png;base64,") for src in sources)
     assert not re.search(r'(href|src)="(https?:)?//', page)  # nothing from the network
-    assert page.count("issue 13") >= 1  # pending sections say what they wait for
+    assert "<h2>Five-assumption diagnostics</h2>" in page and "verdict-" in page
     assert "<h2>Correcting mis-predictions</h2>" in page
     assert "<h2>Parameter divergence</h2>" in page and "horizon" in page
 
@@ -62,6 +73,7 @@ def test_rerun_only_rebuilds_the_report(report, capsys):
     capsys.readouterr()
     assert main(["reproduce", "--preset", "tiny", "--out", str(report), "--no-progress"]) == 0
     err = capsys.readouterr().err
-    for stage in ("models", "estimators", "spectrum", "gallery", "dynamics", "correction"):
+    for stage in ("models", "estimators", "spectrum", "gallery", "dynamics", "correction",
+                  "diagnostics"):
         assert f"[{stage}] cached" in err
     assert "running" not in err

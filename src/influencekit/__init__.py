@@ -10,11 +10,13 @@ Sign convention: ``score(q, x) = ∇m(q)ᵀ (H + λI)⁻¹ ∇ℓ(x)``; up-weigh
 """
 
 from . import data as data  # built-in datasets: ik.data.load("digits")
+from . import diagnostics as diagnostics  # the five assumptions: ik.diagnose(...)
 from . import dynamics as dynamics  # twin runs, fading, unrolled influence
 from . import models as models  # built-in models: ik.models.build("mlp", ...)
 from . import training as training  # the deterministic trainer: ik.training.train(...)
 from .correction import correct, correct_all
 from .curvature import CurvatureOperator, Eigensolver, HorizonFilter, InverseFilter
+from .diagnostics import diagnose
 from .errors import ArtifactError, CurvatureError, InfluenceError, InputError, NumericalError
 from .estimators import (
     METHODS,
@@ -40,5 +42,5 @@ __all__ = [
     "CurvatureError", "CurvatureOperator", "EKFACInfluence", "Eigensolver", "Estimator",
     "ExactInfluence", "GradCos", "GradDot", "HorizonFilter", "InfluenceError", "InputError",
     "InverseFilter", "KFACInfluence", "LiSSAInfluence", "NumericalError", "Task", "TopK",
-    "TracIn", "TRAKInfluence", "correct", "correct_all",
+    "TracIn", "TRAKInfluence", "correct", "correct_all", "diagnose",
 ]

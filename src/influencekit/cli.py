@@ -19,6 +19,7 @@ SUBCOMMANDS = {  # in the order `influencekit --help` lists them
     "reproduce": "influencekit.experiments.reproduce",
     "evaluate": "influencekit.experiments.evaluate",
     "dynamics": "influencekit.experiments.dynamics",
+    "diagnose": "influencekit.experiments.diagnose",
     "correct": "influencekit.experiments.correct",
     "demo": "influencekit.experiments.demo",
 }

@@ -2,7 +2,10 @@
 
 - :mod:`.operator` — :class:`CurvatureOperator` (Hessian | GGN over full / fixed / streamed /
   sampled data; block products, power iteration, the dense matrix).
-- :mod:`.arnoldi` — Arnoldi iteration and the Rayleigh–Ritz step (top eigenpairs).
+- :mod:`.arnoldi` — Arnoldi iteration and the Rayleigh–Ritz step (top eigenpairs), and
+  :class:`Eigensolver` / :func:`curvature_eigenpairs`, which pick the eigensolver.
+- :mod:`.randomized` — randomized subspace iteration (Nyström / Rayleigh–Ritz) and the
+  sampled-label Fisher as a one-pass block operator over per-example gradients.
 - :mod:`.spectral` — :class:`Eigenpairs` and the filters (damped inverse, finite horizon) that
   turn eigenpairs into a preconditioner.
 """
@@ -10,6 +13,7 @@
 from .arnoldi import Eigensolver, arnoldi, curvature_eigenpairs, distill, top_eigenpairs
 from .kfac import FISHERS, KroneckerCurvature, KroneckerLayer, find_layers
 from .operator import SAMPLINGS, CurvatureOperator, dense_curvature
+from .randomized import FisherGradients, randomized_eigh
 from .spectral import (
     Eigenpairs,
     HorizonFilter,
@@ -20,8 +24,9 @@ from .spectral import (
 )
 
 __all__ = [
-    "FISHERS", "SAMPLINGS", "CurvatureOperator", "Eigenpairs", "Eigensolver", "HorizonFilter",
+    "FISHERS", "SAMPLINGS", "CurvatureOperator", "Eigenpairs", "Eigensolver", "FisherGradients",
+    "HorizonFilter",
     "InverseFilter", "KroneckerCurvature", "KroneckerLayer", "SpectralFilter", "arnoldi",
     "as_filter", "curvature_eigenpairs", "dense_curvature", "distill", "find_layers",
-    "horizon_filter", "top_eigenpairs",
+    "horizon_filter", "randomized_eigh", "top_eigenpairs",
 ]

@@ -20,8 +20,9 @@ grows with the number of examples.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from ..progress import progress_bar
 from ..task import Task
 from ..validate import choice, integer, non_negative, optional_positive_int, positive, positive_int
 from .operator import CurvatureOperator
+from .randomized import FisherGradients, randomized_eigh
 from .spectral import WHICH, Eigenpairs
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
@@ -166,24 +168,42 @@ def top_eigenpairs(matvec: MatVec, dim: int, rank: int, iterations: int | None =
 
 
 # --------------------------------------------------------------------------- data curvature
+METHODS = ("auto", "randomized", "arnoldi")
+
+
 @dataclass(frozen=True)
 class Eigensolver:
     """How the eigenbasis of the curvature is found (besides ``rank``, ``iterations`` and
     ``curvature``, which the estimator takes directly).
 
     Args:
+        method: ``"randomized"`` (randomized subspace iteration, :mod:`.randomized`: for the
+            GGN, on per-example sampled-label Fisher gradients of *all* examples, ``passes``
+            passes over the data), ``"arnoldi"`` (the paper's Arnoldi iteration on curvature
+            products) or ``"auto"`` (default: randomized for ``curvature="ggn"``, Arnoldi for
+            ``"hessian"``).
         which: ``"magnitude"`` (largest ``|λ|``) or ``"positive"``; ``None``: what the spectral
             filter needs (positive for the horizon filter, which explodes on negative ones).
-        sampling: the data each Arnoldi pass sees: ``"stream"`` (default; the next batch of a
-            seeded shuffle, so the passes cover the set), ``"fixed"`` or ``"full"``.
-        batch: examples per pass; ``None``: ``epochs × N / passes``, at least
+        passes, oversample, fisher, samples: randomized only: passes over the data, extra
+            block vectors beyond ``rank``, and the GGN's output vectors, ``samples`` per
+            example: ``"gaussian"`` (default; ``H_o^{1/2} ε``), ``"sampled"`` (labels drawn
+            from the model), ``"ggn"`` (exact, ``C`` per example) or ``"empirical"``; see
+            :class:`~influencekit.curvature.randomized.FisherGradients`.
+        sampling: Arnoldi only: the data each pass sees: ``"stream"`` (default; the next
+            batch of a seeded shuffle, so the passes cover the set), ``"fixed"`` or ``"full"``.
+        batch: Arnoldi only: examples per pass; ``None``: ``epochs × N / passes``, at least
             ``max(32, budget / (passes × P))`` (small models get the whole set every pass).
-        epochs, budget: see ``batch``. block: vectors per pass (block Krylov).
-        micro_batch_size: examples per curvature-product evaluation (memory only).
-        seed: start vector and data stream.
+        epochs, budget: see ``batch``. block: Arnoldi vectors per pass (block Krylov).
+        micro_batch_size: examples per curvature or gradient evaluation (memory only).
+        seed: start vectors, data stream and label draws.
     """
 
+    method: str = "auto"
     which: str | None = None
+    passes: int = 2
+    oversample: int = 10
+    fisher: str = "gaussian"
+    samples: int = 1
     sampling: str = "stream"
     batch: int | None = None
     epochs: float = 1.0
@@ -193,8 +213,13 @@ class Eigensolver:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        choice("method", self.method, METHODS)
         if self.which is not None:
             choice("which", self.which, WHICH)
+        positive_int("passes", self.passes)
+        integer("oversample", self.oversample, minimum=0)
+        choice("fisher", self.fisher, ("sampled", "gaussian", "ggn", "empirical"))
+        positive_int("samples", self.samples)
         choice("sampling", self.sampling, ("stream", "fixed", "full"))
         optional_positive_int("batch", self.batch)
         positive("epochs", self.epochs)
@@ -203,12 +228,27 @@ class Eigensolver:
         positive_int("micro_batch_size", self.micro_batch_size)
         integer("seed", self.seed)
 
-    def settings(self) -> dict[str, Any]:
-        """What the eigenbasis depends on (the budget only where it sets the batch)."""
+    def resolved(self, curvature: str) -> str:
+        """The method used for ``curvature``."""
+        if self.method != "auto":
+            return self.method
+        return "randomized" if curvature == "ggn" else "arnoldi"
+
+    def settings(self, curvature: str = "hessian") -> dict[str, Any]:
+        """What the eigenbasis depends on (only the settings of the method used)."""
+        method = self.resolved(curvature)
+        if method == "randomized":
+            s = {"method": method, "which": self.which, "passes": self.passes,
+                 "oversample": self.oversample, "seed": self.seed}
+            if curvature == "ggn":
+                s.update(fisher=self.fisher, samples=self.samples)
+            return s
         s = asdict(self)
+        for k in ("passes", "oversample", "fisher", "samples", "micro_batch_size"):
+            s.pop(k)
+        s["method"] = method
         if self.sampling == "full" or self.batch is not None:
             s.pop("budget")
-        s.pop("micro_batch_size")
         return s
 
 
@@ -231,18 +271,51 @@ def curvature_eigenpairs(
     task: Task, data: Data, rank: int = 50, iterations: int = 200, *,
     curvature: str = "hessian", solver: Eigensolver = Eigensolver(), which: str | None = None,
     basis_budget: int = 2 * 2**30, progress: bool | None = None,
+    done: Mapping[int, torch.Tensor] | None = None,
+    on_pass: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Eigenpairs:
     """Top ``rank`` eigenpairs of the mean-loss curvature of ``task`` over ``data``.
 
-    With the default stream and no ``solver.batch``, each pass takes
-    ``ceil(epochs × N / passes)`` examples, so the curvature information comes from the whole
-    training set at the cost of about ``epochs`` epochs of curvature products; and at least
-    ``max(32, budget / (passes × P))``: the default budget (1e9 example-parameters) gives the
-    digits MLP (P = 2.4k) the full set and the MNIST CNN (P = 106k) 48 examples per pass.
+    **Randomized** (``solver.resolved(curvature) == "randomized"``): ``solver.passes`` passes
+    over all of ``data``, each applying the curvature to ``rank + oversample`` vectors — for the
+    GGN through per-example sampled-label Fisher gradients
+    (:class:`~influencekit.curvature.randomized.FisherGradients`, Nyström at the end), for the
+    Hessian through block Hessian-vector products (Rayleigh–Ritz). ``done`` / ``on_pass``
+    resume and record the passes (see :func:`~influencekit.curvature.randomized_eigh`);
+    ``iterations`` is not used.
+
+    **Arnoldi**: ``iterations`` steps. With the default stream and no ``solver.batch``, each
+    pass takes ``ceil(epochs × N / passes)`` examples, so the curvature information comes from
+    the whole training set at the cost of about ``epochs`` epochs of curvature products; and at
+    least ``max(32, budget / (passes × P))``: the default budget (1e9 example-parameters) gives
+    the digits MLP (P = 2.4k) the full set and the MNIST CNN (P = 106k) 48 examples per pass.
+
     Eigenvectors are returned in the task's dtype, eigenvalues in float64.
     """
     p = task.num_params
     n = num_examples(data)
+    if n == 0:
+        raise InputError("the training data is empty: give at least one example.")
+    which = which or solver.which or "magnitude"
+    if solver.resolved(curvature) == "randomized":
+        sketch = None
+        if curvature == "ggn":
+            fisher = FisherGradients(
+                task, data, fisher=solver.fisher, samples=solver.samples, seed=solver.seed,
+                batch_size=min(solver.micro_batch_size, 64), progress=progress)
+            op: Callable[[torch.Tensor], torch.Tensor] = fisher
+            sketch = partial(fisher.sketch, seed=solver.seed)
+        else:
+            op = CurvatureOperator(task, data, curvature, sampling="full",
+                                   micro_batch_size=solver.micro_batch_size)
+        pairs = randomized_eigh(op, p, rank, passes=solver.passes,
+                                oversample=solver.oversample, seed=solver.seed,
+                                psd=curvature == "ggn", which=which, sketch=sketch,
+                                done=done, on_pass=on_pass)
+        pairs.vectors = pairs.vectors.to(task.device, task.dtype)
+        pairs.info.update(examples_seen=n * (solver.passes - len(done or {})),
+                          sampling="full", batch=n, curvature=curvature)
+        return pairs
     batch = solver.batch
     if batch is None:
         batch = (n if solver.sampling == "full" else
@@ -254,7 +327,7 @@ def curvature_eigenpairs(
         else torch.float32
     krylov = arnoldi(op, p, min(iterations, p), block=solver.block, seed=solver.seed,
                      dtype=dtype, device=task.device, progress=progress)
-    pairs = distill(krylov, rank, which or solver.which or "magnitude", dtype=task.dtype)
-    pairs.info.update(examples_seen=op.examples_seen, sampling=solver.sampling,
-                      batch=op.batch, curvature=curvature)
+    pairs = distill(krylov, rank, which, dtype=task.dtype)
+    pairs.info.update(solver="arnoldi", examples_seen=op.examples_seen,
+                      sampling=solver.sampling, batch=op.batch, curvature=curvature)
     return pairs

@@ -21,6 +21,10 @@ the outputs give it.
   ``v = p − e_y`` with ``y`` drawn from the model's own predictive distribution ``p`` (``samples``
   draws per example); for any other task ``v = H_o^{1/2} ε``, ``ε ~ N(0, I)``. Either way
   ``E[v vᵀ] = H_o``, so the result is the GGN in expectation.
+- ``"gaussian"``: ``v = H_o^{1/2} ε``, ``ε ~ N(0, I)`` for every task (for cross-entropy in
+  closed form, ``v = √p ⊙ ε − p ⟨√p, ε⟩``): also the GGN in expectation, with much less
+  variance than a drawn label when the model is confident (a drawn label is then almost
+  always the predicted one, whose gradient is tiny, and rarely another with a large one).
 - ``"ggn"``: the exact expectation: the ``C`` columns of ``H_o^{1/2}`` (``C`` backward passes per
   batch; for squared loss ``H_o = I``, for cross-entropy ``diag(p) − ppᵀ``).
 - ``"empirical"``: the gradient of the task's own loss at the true targets (the empirical
@@ -65,7 +69,7 @@ from ..progress import progress_bar
 from ..task import ClassificationTask, Task, cross_entropy, output_tensor
 from ..validate import choice, integer, positive_int
 
-FISHERS = ("sampled", "ggn", "empirical")
+FISHERS = ("sampled", "ggn", "empirical", "gaussian")
 UNSUPPORTED = ("diagonal", "error")
 
 
@@ -287,17 +291,19 @@ class KroneckerCurvature:
 
     def settings(self) -> dict[str, Any]:
         """What fitted factors depend on besides task and data."""
-        return {"fisher": self.fisher, "samples": self.samples if self.fisher == "sampled" else 0,
-                "seed": self.seed if self.fisher == "sampled" else 0,
+        drawn = self.fisher in ("sampled", "gaussian")
+        return {"fisher": self.fisher, "samples": self.samples if drawn else 0,
+                "seed": self.seed if drawn else 0,
                 "layers": [layer.describe() for layer in self.layers],
                 "fallback": self.fallback, "params": self.task.param_names,
                 "dtype": str(self.task.dtype)}
 
     # ----------------------------------------------------------------- output vectors
-    def _output_vectors(self, o: torch.Tensor, batch: Batch, start: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def output_vectors(self, o: torch.Tensor, batch: Batch, start: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """``v [K, B, C]`` with ``E_k[w_k v vᵀ] = H_o`` (or the empirical gradient), weights
-        ``w [K]``."""
+        ``w [K]``, for the outputs ``o`` of examples ``start, start + 1, …`` (public: the
+        randomized eigensolver draws its Fisher gradients with the same sampler)."""
         b = o.shape[0]
         shape = o.shape
         flat = o.detach().reshape(b, -1)
@@ -314,6 +320,15 @@ class KroneckerCurvature:
             y = torch.searchsorted(cdf, (u * cdf[:, -1]).T.contiguous()).clamp_max(
                 p.shape[1] - 1).T  # [K, B]
             v = p[None] - F.one_hot(y, p.shape[1]).to(p.dtype)
+            return v.to(flat.dtype), torch.full((self.samples,), 1.0 / self.samples,
+                                                dtype=torch.float64)
+        if self.fisher == "gaussian" and self._classify:
+            p = torch.softmax(flat.to(torch.float64), -1)
+            eps = torch.stack([torch.randn(self.samples, p.shape[1],
+                                           generator=self._gen(start + i), dtype=torch.float64)
+                               for i in range(b)], 1)  # [K, B, C]
+            sq = p.sqrt()
+            v = sq * eps - p * (sq * eps).sum(-1, keepdim=True)
             return v.to(flat.dtype), torch.full((self.samples,), 1.0 / self.samples,
                                                 dtype=torch.float64)
         root = self._hessian_root(flat, shape, batch)  # [B, C, C]
@@ -372,13 +387,42 @@ class KroneckerCurvature:
                 with torch.enable_grad():
                     o = output_tensor(task.outputs(theta, batch))
                     cap.active = False
-                    v, w = self._output_vectors(o, batch, start)
+                    v, w = self.output_vectors(o, batch, start)
                     flat = o.reshape(b, -1)
                     grads = [cap.output_grads(flat, vk.to(flat.dtype)) if self.layers else []
                              for vk in v]
                 yield cap, grads, w, v, batch
                 start += b
                 bar.update(b)
+
+    def covers_all(self) -> bool:
+        """Whether every selected parameter lies in a linear or conv layer factored here (so
+        :meth:`example_grads` can build per-example gradients from the captures)."""
+        return not self.fallback and all(layer.kind != "embedding" for layer in self.layers)
+
+    def example_grads(self, data: Data) -> Iterator[tuple[torch.Tensor, int]]:
+        """Per batch of ``B`` examples, ``([K·B, P], B)``: per-example gradients ``√w_k Jᵀ v_k``
+        of the drawn output vectors (draw-major), as ``Σ_t g_t a_tᵀ`` per layer from the
+        captured activations and output gradients (one batched forward, one backward per
+        draw). Needs :meth:`covers_all`."""
+        if not self.covers_all():
+            raise InputError("example_grads needs every selected parameter in a linear or "
+                             "conv layer; use per-example autodiff for the others.")
+        p = self.task.num_params
+        with torch.no_grad():
+            for cap, grads, w, _v, batch in self._passes(data, "per-example gradients"):
+                acts = [cap.activations(i) if cap.acts[i] else None
+                        for i in range(len(self.layers))]
+                rows = []
+                for wk, gk in zip(w, grads):
+                    b = next(g.shape[0] for g in gk if g is not None)
+                    out = (torch.empty if all(a is not None for a in acts) else torch.zeros)(
+                        b, p, dtype=self.task.dtype, device=self.task.device)
+                    for layer, a, g in zip(self.layers, acts, gk):
+                        if a is not None:
+                            self._unblock(out, torch.einsum("bto,bti->boi", g, a), layer)
+                    rows.append(out if float(wk) == 1.0 else out.mul_(float(wk) ** 0.5))
+                yield torch.cat(rows), batch_size_of(batch)
 
     def _fallback_sq(self, batch: Batch, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``Σ_n Σ_k w_k (∂⟨v_k, o_n⟩/∂θ)²`` over the fallback parameters (float64)."""

@@ -10,10 +10,16 @@
    and within K/4, median steps to fix, mean collateral accuracy change on the rest of the
    queries and flipped correct predictions, time) and fix_rate.png (fix rate vs steps).
 
+Models: the registry's; bert (text data) is MiniLM with the last --train-last encoder layers and
+the head trained: the frozen layers' output is computed once per example and cached under
+--cache-dir, and training, scoring and fine-tuning run on the trainable top (the same function).
+Sized defaults (--epochs, --train-lr, --lr) depend on the model; see each flag.
+
 Methods: names from influencekit.estimators.METHODS with options ("exact:curvature=ggn"),
 fitted once on the whole training set (tracin reads the training checkpoints), and the
 baselines random (m random training examples), class-random (m random examples of the
-target's true class) and target (the target itself: an upper bound that uses its label).
+target's true class) and target (the target itself: an upper bound that uses its label; run at
+the first budget only, since m does not apply).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 
 from .. import data as ik_data
 from .. import models as ik_models
+from ..batching import slice_batch
 from ..correction import SELECTIONS, STRATEGIES, correct_all
 from ..errors import InputError
 from ..estimators import METHODS, TracIn
@@ -37,12 +44,20 @@ from ..store import atomic_write, atomic_write_text, hash_value
 from ..task import ClassificationTask
 from ..training import TrainConfig, Trainer
 from . import arguments as arg
-from .evaluate import _load, _model_builder, parse_methods
+from .dynamics import accuracy, load_data
+from .evaluate import parse_methods
+from .text import BERT_LR, add_bert_options, check_inputs
 
 BASELINES = tuple(s for s in SELECTIONS if s != "influence")
 DEFAULT_METHODS = "exact:curvature=ggn,arnoldi,ekfac,graddot,tracin,random,class-random,target"
-DATASETS = [n for n in ik_data.LOADERS if ik_data.INPUTS[n] != "text"]
-MODELS = [n for n in ik_models.BUILDERS if ik_models.INPUTS[n] != "text"]
+DATASETS = list(ik_data.LOADERS)
+MODELS = list(ik_models.BUILDERS)
+# defaults that depend on the model's inputs (a flag given on the command line wins)
+SIZES: dict[str, dict[str, Any]] = {
+    "vector": {"epochs": 30, "train_lr": 0.1, "lr": 0.05},
+    "image": {"epochs": 30, "train_lr": 0.1, "lr": 0.005},  # lr 0.05: −74% accuracy (resnet)
+    "text": {"epochs": 3, "train_lr": BERT_LR, "lr": 0.002},  # lr 0.05: one step collapses it
+}
 
 
 def _methods(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
@@ -68,29 +83,47 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--dataset", default="digits", choices=DATASETS, help="built-in dataset")
-    a("--model", default="mlp", choices=MODELS, help="built-in model")
+    a("--model", default="mlp", choices=MODELS,
+      help="built-in model (bert: text data; MiniLM, frozen layers cached, top trained)")
     a("--hidden", default="32", type=arg.counts(), help="MLP hidden widths")
+    add_bert_options(p)
     a("--methods", default=DEFAULT_METHODS,
       type=arg.checked(str, "method specs", lambda s: _methods(s) and s),
       help=f"selection methods: {', '.join(METHODS)} (with :key=value options) and "
            f"{', '.join(BASELINES)}")
     a("--examples", default="16", type=arg.counts(), help="budgets m, comma-separated")
     a("--steps", type=arg.count(), default=20, help="step budget K")
-    a("--lr", type=arg.number(0.0, strict=True), default=0.05, help="fine-tuning lr (SGD)")
+    a("--lr", type=arg.number(0.0, strict=True), default=None,
+      help="fine-tuning lr (SGD)" + _sized("lr"))
     a("--strategy", default="proponents", choices=STRATEGIES,
       help="influence selections: descend on proponents, ascend on opponents, or both")
     a("--n-train", type=arg.count(), default=None, help="training examples (None: all)")
     a("--n-queries", type=arg.count(), default=None,
       help="test examples searched for mis-predictions (None: all)")
-    a("--epochs", type=arg.count(), default=30, help="training epochs")
+    a("--epochs", type=arg.count(), default=None, help="training epochs" + _sized("epochs"))
     a("--batch-size", type=arg.count(), default=64, help="training batch size")
-    a("--train-lr", type=arg.number(0.0, strict=True), default=0.1, help="training lr (cosine)")
+    a("--train-lr", type=arg.number(0.0, strict=True), default=None,
+      help="training lr (cosine)" + _sized("train_lr"))
     a("--weight-decay", type=arg.number(0.0), default=1e-3,
       help="training L2; also the estimators' damping")
     a("--seed", type=arg.count(0), default=0, help="split, init, order and selection seed")
     arg.add_run_options(p, "correct",
                         "training checkpoints and per-target records (a rerun resumes)")
     p.set_defaults(run=run)
+
+
+def _sized(key: str) -> str:
+    return " (default by model inputs: " + ", ".join(f"{k} {v[key]:g}" for k, v in
+                                                     SIZES.items()) + ")"
+
+
+def _prepare(args: argparse.Namespace) -> bool:
+    """Refuse mismatched data and model, fill the sized defaults; True for text."""
+    text = check_inputs(args)
+    for key, value in SIZES[ik_models.INPUTS[args.model]].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return text
 
 
 def _estimator(name: str, options: dict[str, Any], task: ClassificationTask, ckpt: Path,
@@ -104,32 +137,37 @@ def _estimator(name: str, options: dict[str, Any], task: ClassificationTask, ckp
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``influencekit correct``."""
     t_start = time.perf_counter()
+    text = _prepare(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = _methods(args.methods)
     progress = False if args.no_progress else None
     if args.n_queries is None:
         args.n_queries = len(ik_data.load(args.dataset, seed=args.seed).test[1])
-    d = _load(args)
-    builder = _model_builder(args, d)
+    d, full_test, builder = load_data(args, progress)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.train_lr,
                       weight_decay=args.weight_decay, schedule="cosine", seed=args.seed,
                       init_seed=args.seed)
-    key = hash_value(args.dataset, args.model, args.hidden, args.n_train, asdict(cfg))[:16]
+    key = hash_value(args.dataset, args.model, args.hidden, args.n_train, asdict(cfg),
+                     *([args.train_last, args.max_length] if text else []))[:16]
     cache = Path(args.cache_dir) / "correct"
     ckpt = cache / f"train-{key}"
     t0 = time.perf_counter()
     model = Trainer(builder, d.train, cfg, checkpoint_dir=ckpt,
                     checkpoint_every=max(1, args.epochs // 6), progress=progress).run().model
     task = ClassificationTask(model)
-    acc = float((task.predict(d.test[0]) == d.test[1]).float().mean())
-    arg.log(f"model: {task.num_params} parameters, test accuracy {acc:.4f} on {len(d.test[1])} "
-         f"({time.perf_counter() - t0:.0f}s)")
+    right = task.predict(d.test[0]) == d.test[1]
+    acc = float(right.float().mean())
+    wrong = (~right).nonzero().squeeze(1).tolist()  # the targets
+    full_acc = accuracy(model, full_test)
+    arg.log(f"model: {task.num_params} parameters, test accuracy {full_acc:.4f} on "
+            f"{len(full_test[1])} ({acc:.4f} on the {len(d.test[1])} queries; "
+            f"{time.perf_counter() - t0:.0f}s)")
     rows: list[dict[str, Any]] = []
     for label, name, options in methods:
         scores = None
         fit_s = 0.0
-        for m in args.examples:
+        for m in args.examples[:1] if name == "target" else args.examples:  # m is moot there
             kw: dict[str, Any] = dict(examples=m, steps=args.steps, lr=args.lr, seed=args.seed,
                                       strategy=args.strategy if name not in BASELINES
                                       else "proponents",
@@ -143,7 +181,10 @@ def run(args: argparse.Namespace) -> int:
                 t1 = time.perf_counter()
                 est = _estimator(name, options, task, ckpt, args.weight_decay, progress)
                 est.fit(d.train)
-                scores = est.scores(d.test, d.train).double().cpu()
+                scores = torch.zeros(len(d.test[1]), len(d.train[1]), dtype=torch.float64)
+                if wrong:  # only the targets' rows are read
+                    scores[wrong] = est.scores(slice_batch(d.test, torch.tensor(wrong)),
+                                               d.train).double().cpu()
                 fit_s = time.perf_counter() - t1
                 res = correct_all(model, d.test, d.train, scores=scores, **kw)
             row = res.summary()
@@ -155,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "command": arg.command_line("correct", args),
         "settings": {k: v for k, v in vars(args).items() if k != "run"},
-        "train_config": asdict(cfg), "params": task.num_params, "test_accuracy": acc,
+        "train_config": asdict(cfg), "params": task.num_params, "test_accuracy": full_acc,
+        "n_test": len(full_test[1]), "query_accuracy": acc,
         "n_train": len(d.train[1]), "n_queries": len(d.test[1]),
         "threads": torch.get_num_threads(), "results": rows,
         "total_seconds": time.perf_counter() - t_start,
@@ -164,8 +206,9 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(json.dumps(report, indent=2, default=str), out / "results.json")
     n_wrong = rows[0]["targets"] if rows else 0
     md = (f"# influencekit correct: {args.dataset} / {args.model}\n\n"
-          f"{task.num_params} parameters, test accuracy {acc:.4f}; {n_wrong}"
-          f" mis-predicted of {len(d.test[1])} queries; K = {args.steps} steps, lr {args.lr:g}, "
+          f"{task.num_params} parameters, test accuracy {full_acc:.4f} on "
+          f"{len(full_test[1])}; {n_wrong} mis-predicted of {len(d.test[1])} queries, "
+          f"{len(d.train[1])} training examples; K = {args.steps} steps, lr {args.lr:g}, "
           f"strategy {args.strategy}.\n\n{markdown_table(rows, args.steps)}\n")
     atomic_write_text(md, out / "results.md")
     atomic_write(out / "fix_rate.png", plot(rows))
@@ -204,12 +247,14 @@ def markdown_table(rows: list[dict[str, Any]], steps: int) -> str:
 
 
 def plot(rows: list[dict[str, Any]]) -> bytes:
-    """Fix rate vs steps, one line per method, one panel per budget m (PNG bytes)."""
+    """Fix rate vs steps, one line per method, one panel per budget m; with several budgets, a
+    last panel of the fix rate within K (95% Wilson interval) vs m (PNG bytes)."""
     from ..report.figures import png, pyplot
 
     plt = pyplot()
     ms = sorted({r["examples"] for r in rows})
-    fig, axes = plt.subplots(1, len(ms), figsize=(5.2 * len(ms), 3.8), squeeze=False)
+    panels = len(ms) + (len(ms) > 1)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
     for ax, m in zip(axes[0], ms):
         for r in (r for r in rows if r["examples"] == m):
             n = max(r["targets"], 1)
@@ -219,4 +264,20 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
                title=f"m = {m} examples")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    if len(ms) > 1:
+        ax = axes[0][-1]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["examples"])
+            if len(mine) < 2:  # e.g. the target itself: one budget
+                continue
+            x = [r["examples"] for r in mine]
+            y = [r["fix_rate"] for r in mine]
+            err = [[v - r["fix_rate_ci"][0] for v, r in zip(y, mine)],
+                   [r["fix_rate_ci"][1] - v for v, r in zip(y, mine)]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+        ax.set(xscale="log", xlabel="examples m", ylabel=f"fixed within K = {rows[0]['steps']}",
+               ylim=(0, 1.02), title="fix rate vs m (95% CI)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     return png(fig)

@@ -15,7 +15,9 @@ only rebuilds the report; delete ``OUT/stages/NAME.json`` to recompute one stage
   correction   ``influencekit correct`` on a weakly trained digits MLP: every mis-predicted test
                example fine-tuned on its influential training examples, against random,
                class-random and target-only selection (fix rate, steps, collateral damage)
-  diagnostics  appears with its module (issue 13); until then the report says so
+  diagnostics  ``influencekit diagnose`` on the digits MLP (and, in the paper preset,
+               ``ik.diagnose`` on the mnist model): which of the paper's five assumptions
+               hold, each with its verdict, the number behind it and a recommendation
 
 Writes ``OUT/results.json`` (schema below, ``schema_version`` 1) and ``OUT/index.html``
 (self-contained: figures inline). Presets: ``quick`` (a few minutes on 2 CPU cores), ``paper``
@@ -58,9 +60,7 @@ from .arguments import count, folder
 SCHEMA_VERSION = 1
 SECTIONS = ("environment", "models", "estimators", "spectrum", "gallery", "divergence",
             "fading", "correction", "diagnostics")
-PENDING = {
-    "diagnostics": "The five-assumption diagnostics arrive with ik.diagnose (issue 13).",
-}
+PENDING: dict[str, str] = {}  # section -> why it is not computed yet
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,16 @@ class Preset:
     spectrum_iterations: int
     arnoldi_rank: int = 50  # the gallery's estimator
     arnoldi_iterations: int = 200
+    gallery_examples: int = 16  # mis-predicted gallery queries: fine-tune on this many
+    gallery_steps: int = 20  # proponents for up to this many steps
+    gallery_lr: float = 0.01
     digits_hidden: str = "32"
     dynamics: tuple[str, ...] = ("--quick",)  # arguments of `influencekit dynamics`
     correct: tuple[str, ...] = (  # arguments of `influencekit correct` (a weak digits MLP)
         "--epochs", "2", "--train-lr", "0.05", "--examples", "4,16", "--steps", "10",
         "--lr", "0.01", "--methods", "graddot,ekfac,arnoldi,random,class-random,target")
+    diagnose: tuple[str, ...] = ("--quick",)  # arguments of `influencekit diagnose` (digits)
+    diagnose_mnist: bool = False  # also diagnose the mnist model (ik.diagnose)
 
 
 PRESETS = {
@@ -97,7 +102,11 @@ PRESETS = {
                              "--methods", "graddot,unrolled,same-time"),
                    correct=("--hidden", "4", "--n-train", "150", "--n-queries", "30",
                             "--epochs", "2", "--train-lr", "0.05", "--examples", "4",
-                            "--steps", "3", "--methods", "graddot,random")),
+                            "--steps", "3", "--methods", "graddot,random"),
+                   diagnose=("--hidden", "4", "--n-train", "100", "--n-queries", "6",
+                             "--start-epochs", "3", "--rank", "4", "--iterations", "6",
+                             "--curvature-batch", "50", "--pool", "50", "--n-removed", "3",
+                             "--epochs", "1")),
     "quick": Preset(None, 100, 40, 50,
                     "exact:curvature=ggn,cg:curvature=ggn:mislabel=False,arnoldi,arnoldi-topk,"
                     "arnoldi-complement,ekfac,trak,graddot,gradcos", "resnet", 4000, 15, 6, 4,
@@ -105,7 +114,7 @@ PRESETS = {
     "paper": Preset(None, 100, 40, 50,
                     "exact:curvature=ggn,exact,cg:curvature=ggn:mislabel=False,lissa:curvature=ggn,arnoldi,"
                     "arnoldi-topk,arnoldi-complement,graddot,gradcos", "resnet", 4000, 20, 8, 5,
-                    200, dynamics=()),
+                    200, dynamics=(), diagnose=(), diagnose_mnist=True),
 }
 
 
@@ -199,9 +208,10 @@ class Study:
                           "test_accuracy": acc, "epochs": m["config"].epochs,
                           "accuracy_on": f"{len(y)} test examples"}]}
 
-    def run_command(self, name: str, *args: str) -> tuple[Path, dict[str, Any]]:
+    def run_command(self, name: str, *args: str, results: str = "results.json"
+                    ) -> tuple[Path, dict[str, Any]]:
         """``influencekit NAME ARGS --out OUT/NAME --cache-dir OUT/cache``: its folder and its
-        results.json."""
+        ``results`` file."""
         from ..cli import main
 
         out = self.out / name
@@ -210,7 +220,7 @@ class Study:
             argv.append("--no-progress")
         if main(argv) != 0:
             raise RuntimeError(f"influencekit {name} failed; see the messages above.")
-        return out, json.loads((out / "results.json").read_text())
+        return out, json.loads((out / results).read_text())
 
     def estimators(self) -> dict[str, Any]:
         p = self.preset
@@ -262,6 +272,54 @@ class Study:
                             "with a 95% Wilson interval, median steps to fix, and the change "
                             "of accuracy on the rest of the test set (collateral damage).")}
 
+    def _correct(self, est: Any, target: tuple[torch.Tensor, torch.Tensor], train_data: Any,
+                 test: tuple[torch.Tensor, torch.Tensor], index: int) -> dict[str, Any]:
+        """Fine-tune on the target's top proponents until it is predicted right."""
+        from ..correction import correct
+
+        p = self.preset
+        keep = torch.arange(len(test[1]), device=test[1].device) != index
+        r = correct(self.mnist()["model"], target, train_data, estimator=est,
+                    examples=p.gallery_examples, steps=p.gallery_steps, lr=p.gallery_lr,
+                    holdout=(test[0][keep], test[1][keep]))
+        c = r.collateral
+        return {"fixed": r.fixed, "steps_to_fix": r.steps_to_fix, "examples": len(r.examples),
+                "lr": r.lr, "predictions": r.predictions, "losses": r.losses,
+                "accuracy_change": None if c is None else c.accuracy_change,
+                "flips": None if c is None else c.flips}
+
+    def diagnostics(self) -> dict[str, Any]:
+        out, report = self.run_command("diagnose", "--dataset", "digits", "--model", "mlp",
+                                       *self.preset.diagnose, results="diagnosis.json")
+        acc = report["setup"]["accuracy"]["test"]
+        rows = [_diagnosis_row(f"MLP on digits (test accuracy {acc:.3f})", report)]
+        for key, figure in (("convexity", "spectrum"), ("divergence", "fading"),
+                            ("linearity", "linearity")):
+            if (out / f"{key}-{figure}.png").is_file():
+                self.save_figure(f"diagnostics_{key}",
+                                 (out / f"{key}-{figure}.png").read_bytes())
+        if self.preset.diagnose_mnist:
+            from ..diagnostics import diagnose
+
+            m = self.mnist()
+            cfg = TrainConfig(epochs=1, batch_size=64, lr=0.02, momentum=0.9,
+                              weight_decay=m["config"].weight_decay)
+            q = tuple(t[:50] for t in m["test"])
+            rep = diagnose(m["task"], m["train"], q, config=cfg, store=self.out / "cache" /
+                           "diagnose-mnist", progress=self.progress)
+            rep.save(self.out / "diagnose-mnist")
+            x, y = m["test"]
+            acc = float((m["task"].predict(x) == y).float().mean())
+            rows.append(_diagnosis_row(f"{self.preset.mnist_model} on mnist (test accuracy "
+                                       f"{acc:.3f})", rep.to_dict()))
+        return {"rows": rows, "command": report["setup"]["command"],
+                "summary": ("Each of the paper's five assumptions checked on the model: "
+                            "convexity and numeric stability from Lanczos on the Hessian and "
+                            "GGN at the trained parameters; training trajectory, parameter "
+                            "divergence and the first-order expansion from short continued "
+                            "runs with examples removed, up-weighted and removed in groups. "
+                            "Verdicts: holds / weak / fails, each with the number behind it.")}
+
     def spectrum(self) -> dict[str, Any]:
         m = self.mnist()
         it = self.preset.spectrum_iterations
@@ -306,6 +364,9 @@ class Study:
                                 "image": self.save_figure(f"train-{int(i)}",
                                                           figs.thumbnail(d.train[0][i]))}
                                for i, s in zip(idx[row], sc[row])]
+            if qi in wrong:
+                entry["correction"] = self._correct(est, (xq[qi], yq[qi]), train_data,
+                                                    (xq, yq), qi)
             queries.append(entry)
 
         def share(qs: list[dict[str, Any]], key: str, kind: str) -> float:
@@ -314,6 +375,7 @@ class Study:
 
         ok = [q for q in queries if q["label"] == q["predicted"]]
         bad = [q for q in queries if q["label"] != q["predicted"]]
+        fixed = sum(q["correction"]["fixed"] for q in bad)
         stats = {"proponents_with_label": share(queries, "label", "proponents"),
                  "opponents_with_label": share(queries, "label", "opponents"),
                  "opponents_with_prediction_mispredicted": share(bad, "predicted",
@@ -326,7 +388,19 @@ class Study:
                          f"{stats['opponents_with_label']:.0%} of the top opponents share the "
                          "query's true label; of the opponents of mis-predicted queries, "
                          f"{stats['opponents_with_prediction_mispredicted']:.0%} carry the "
-                         "(wrong) predicted label.")}
+                         "(wrong) predicted label. Each mis-predicted query was then fine-tuned "
+                         f"on its {p.gallery_examples} top proponents (SGD, lr {p.gallery_lr:g},"
+                         f" up to {p.gallery_steps} steps): {fixed} of {len(bad)} fixed.")}
+
+
+def _diagnosis_row(name: str, report: dict[str, Any]) -> dict[str, Any]:
+    """One diagnosed model as a row of the report: verdicts, summaries, recommendations."""
+    return {"model": name, "trust": report["trust"], "overall": report["overall"],
+            "verdicts": report["verdicts"],
+            "sections": {k: {"verdict": v["verdict"], "summary": v["summary"],
+                             "recommendation": v["recommendation"]}
+                         for k, v in report["sections"].items()},
+            "seconds": report["setup"].get("seconds")}
 
 
 def _dynamics_sections(dyn: dict[str, Any]) -> dict[str, Any]:
@@ -372,7 +446,8 @@ def run(args: argparse.Namespace) -> int:
     study = Study(out, args.preset, args.device, False if args.no_progress else None)
     sections: dict[str, Any] = {"environment": environment(args.device,
                                                            torch.get_num_threads())}
-    for name in ("models", "estimators", "spectrum", "gallery", "dynamics", "correction"):
+    for name in ("models", "estimators", "spectrum", "gallery", "dynamics", "correction",
+                 "diagnostics"):
         sections[name] = study.stage(name, getattr(study, name))
     sections.update(_dynamics_sections(sections.pop("dynamics")))
     digits = sections["estimators"]["model"]

@@ -18,7 +18,9 @@ h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margi
 table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
 td,th{border:1px solid #ddd;padding:.3em .6em;text-align:right}
 td:first-child,th:first-child{text-align:left}
-.pending{color:#888;font-style:italic} .note{color:#555;font-size:.92em}
+.pending{color:#888;font-style:italic} .verdict-holds{background:#e3f4e3}
+.verdict-weak{background:#fff3d6} .verdict-fails{background:#fbe0e0}
+.note{color:#555;font-size:.92em} pre{white-space:pre-wrap;font-size:.85em}
 .gallery td{text-align:center;vertical-align:top} .gallery img{width:56px;height:56px}
 .pro{color:#1a7f37} .opp{color:#b42318} img.fig{max-width:100%}
 """
@@ -106,11 +108,12 @@ def render(results: dict[str, Any], figures: dict[str, bytes], out: Path) -> Pat
                                                           "median steps"),
             ("accuracy_change", "Δ accuracy (rest)"), ("flips", "flips")])
         + figure(figures, "correction", "fix rate against steps"))))
-    for key, title in (("divergence", "Parameter divergence"), ("fading", "Influence fading"),
-                       ("diagnostics", "Five-assumption diagnostics")):
+    for key, title in (("divergence", "Parameter divergence"), ("fading", "Influence fading")):
         parts.append(_section(title, s[key], f'<p>{_esc(s[key].get("summary", ""))}</p>'
                               + figure(figures, key, title)
                               + figure(figures, f"{key}_magnitude", f"{title}: magnitude")))
+    diag = s["diagnostics"]
+    parts.append(_section("Five-assumption diagnostics", diag, _diagnostics(diag, figures)))
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>influencekit "
             f"report</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     return atomic_write_text(page, out / "index.html")
@@ -122,9 +125,16 @@ def _gallery(gal: dict[str, Any], figures: dict[str, bytes]) -> str:
     rows = []
     for q in gal["queries"]:
         verdict = "correct" if q["predicted"] == q["label"] else "mis-predicted"
+        fix, extra = q.get("correction"), ""
+        if fix:
+            acc = fix.get("accuracy_change")
+            extra = (f'<br><span class=pro>fixed in {fix["steps_to_fix"]} step(s)</span>'
+                     if fix["fixed"] else "<br><span class=opp>not fixed</span>")
+            extra += (f'<br><span class=note>tuned on its top {fix["examples"]} proponents'
+                      + ("" if acc is None else f"; test acc. {100 * acc:+.1f}%") + "</span>")
         cells = [f'<td><img alt="query {q["index"]}" src="{data_uri(figures[q["image"]])}">'
                  f'<br>query #{q["index"]}<br>label {q["label"]}, predicted {q["predicted"]}'
-                 f"<br><b>{verdict}</b></td>"]
+                 f"<br><b>{verdict}</b>{extra}</td>"]
         for kind, css in (("proponents", "pro"), ("opponents", "opp")):
             for ex in q[kind]:
                 cells.append(f'<td><img alt="train {ex["index"]}" '
@@ -137,6 +147,31 @@ def _gallery(gal: dict[str, Any], figures: dict[str, bytes]) -> str:
             + f'<th colspan={k} class=opp>top opponents</th></tr>')
     return (f'<p>{_esc(gal.get("note", ""))}</p><table class=gallery>{head}{"".join(rows)}'
             "</table>")
+
+
+ASSUMPTIONS = (("convexity", "convexity"), ("stability", "numeric stability"),
+               ("trajectory", "training trajectory"), ("divergence", "parameter divergence"),
+               ("linearity", "first-order expansion"))
+
+
+def _diagnostics(diag: dict[str, Any], figures: dict[str, bytes]) -> str:
+    """A verdict table (model × assumption), each model's trust summary, the figures."""
+    if diag.get("status") != "done":
+        return ""
+    head = "<tr><th>model</th>" + "".join(f"<th>{_esc(t)}</th>" for _, t in ASSUMPTIONS) + \
+        "</tr>"
+    rows, details = [], []
+    for r in diag["rows"]:
+        cells = "".join(
+            f'<td class="verdict-{_esc(r["verdicts"].get(k, "skipped"))}" '
+            f'title="{_esc(r["sections"].get(k, {}).get("summary", ""))}">'
+            f'{_esc(r["verdicts"].get(k, "skipped"))}</td>' for k, _ in ASSUMPTIONS)
+        rows.append(f"<tr><td>{_esc(r['model'])}</td>{cells}</tr>")
+        details.append(f"<h3>{_esc(r['model'])}</h3><pre>{_esc(r['trust'])}</pre>")
+    figs = "".join(figure(figures, f"diagnostics_{k}", f"diagnostics: {t}")
+                   for k, t in ASSUMPTIONS)
+    return (f'<p>{_esc(diag.get("summary", ""))}</p><table>{head}{"".join(rows)}</table>'
+            + "".join(details) + figs)
 
 
 def load_results(path: Path) -> dict[str, Any]:
