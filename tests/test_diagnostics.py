@@ -269,7 +269,7 @@ def test_lanczos_spectrum_on_a_known_operator():
     task = ik.Task(model, loss=signed)
     spec = lanczos_spectrum(task, (x, signs), iterations=6, probes=4)
     assert spec.complete
-    assert spec.pairs.values.tolist() == pytest.approx(sorted(values.tolist(), reverse=True))
+    assert spec.values.tolist() == pytest.approx(sorted(values.tolist(), reverse=True))
     assert float(spec.weights.sum()) == pytest.approx(1.0)
     assert spec.lambda_min == pytest.approx(-2.0)
     lis = lissa_convergence(spec, damping=1.0)
@@ -308,6 +308,13 @@ def test_cli_writes_the_report_and_refuses_bad_sections(tmp_path, capsys):
     # every twin run (removals, up-weights) shares one stored reference run
     refs = list((tmp_path / "cache" / "dynamics" / "diagnose").glob("twins-*/reference"))
     assert len(refs) == 1
+    # a rerun reads the stored curvature measurements and runs back: the same numbers
+    assert main(args) == 0
+    again = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
+    assert again["sections"] == data["sections"] | {
+        k: {**v, "seconds": again["sections"][k]["seconds"]} for k, v in data["sections"].items()}
+    assert len(list((tmp_path / "cache" / "dynamics" / "diagnose" / "curvature-probe"
+                     ).glob("*/manifest.json"))) == 1
     assert main(["diagnose", "--sections", "convexity,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
 

@@ -57,6 +57,8 @@ def arnoldi(
     matvec: MatVec, dim: int, iterations: int, *, block: int = 1, seed: int = 0,
     start: torch.Tensor | None = None, tol: float = 1e-9, dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu", progress: bool | None = None,
+    resume: list[dict[str, Any]] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None, checkpoint_every: int = 25,
 ) -> Krylov:
     """Run ``iterations`` operator applications of (block) Arnoldi.
 
@@ -67,6 +69,10 @@ def arnoldi(
         seed, start: the start block is ``start`` (``[P]`` or ``[block, P]``) or seeded noise.
         tol: stop when a new direction's norm falls below ``tol × ‖operator‖`` (invariant
             subspace); dtype: storage of the basis (coefficients are always float64).
+        on_checkpoint: called every ``checkpoint_every`` operator applications with the new
+            basis rows since the last call and the state (``rows``, ``coef``, ``applied``,
+            ``m``, ``scale``); resume: those checkpoints, in order, to continue from the last
+            (an operator with state, e.g. a data stream, must be restored by the caller).
     """
     if iterations < 1 or block < 1 or dim < 1:
         raise InputError(
@@ -93,6 +99,16 @@ def arnoldi(
     scale = 0.0
     applied = 0
     stopped = False
+    if resume:
+        rows = torch.cat([c["rows"] for c in resume]).to(device, dtype)
+        last = resume[-1]
+        m, applied, scale = int(last["m"]), int(last["applied"]), float(last["scale"])
+        if rows.shape != (m, dim) or m > cap:
+            raise InputError("arnoldi: the stored iterations do not fit these settings; "
+                             "clear them (overwrite=True).")
+        basis[:m] = rows
+        coef[:m, :applied] = last["coef"]
+    saved_m, saved_applied = m if resume else 0, applied
     bar = progress_bar(total=iterations, desc="Arnoldi", unit="hvp", leave=False,
                progress=progress)
     with bar:
@@ -115,6 +131,12 @@ def arnoldi(
                     m += 1
             bar.update(stop - applied)
             applied = stop
+            if on_checkpoint is not None and (applied - saved_applied >= checkpoint_every
+                                              and applied < iterations):
+                on_checkpoint({"rows": basis[saved_m:m].clone(),
+                               "coef": coef[:m, :applied].clone(), "applied": applied,
+                               "m": m, "scale": scale})
+                saved_m, saved_applied = m, applied
     return Krylov(basis[:m], coef[:m, :m], applied, stopped)
 
 
@@ -185,25 +207,27 @@ class Eigensolver:
         which: ``"magnitude"`` (largest ``|λ|``) or ``"positive"``; ``None``: what the spectral
             filter needs (positive for the horizon filter, which explodes on negative ones).
         passes, oversample, fisher, samples: randomized only: passes over the data, extra
-            block vectors beyond ``rank``, and the GGN's output vectors, ``samples`` per
-            example: ``"gaussian"`` (default; ``H_o^{1/2} ε``), ``"sampled"`` (labels drawn
-            from the model), ``"ggn"`` (exact, ``C`` per example) or ``"empirical"``; see
+            block vectors beyond ``rank`` (``None``: see :meth:`plan`), and the GGN's output
+            vectors, ``samples`` per example (``None``: see :meth:`plan`): ``"gaussian"``
+            (default; ``H_o^{1/2} ε``), ``"sampled"`` (labels drawn from the model), ``"ggn"``
+            (exact, ``C`` per example) or ``"empirical"``; see
             :class:`~influencekit.curvature.randomized.FisherGradients`.
         sampling: Arnoldi only: the data each pass sees: ``"stream"`` (default; the next
             batch of a seeded shuffle, so the passes cover the set), ``"fixed"`` or ``"full"``.
         batch: Arnoldi only: examples per pass; ``None``: ``epochs × N / passes``, at least
             ``max(32, budget / (passes × P))`` (small models get the whole set every pass).
-        epochs, budget: see ``batch``. block: Arnoldi vectors per pass (block Krylov).
+        epochs, budget: see ``batch``; the budget also sizes the randomized solver
+            (:meth:`plan`). block: Arnoldi vectors per pass (block Krylov).
         micro_batch_size: examples per curvature or gradient evaluation (memory only).
         seed: start vectors, data stream and label draws.
     """
 
     method: str = "auto"
     which: str | None = None
-    passes: int = 2
-    oversample: int = 10
+    passes: int | None = None
+    oversample: int | None = None
     fisher: str = "gaussian"
-    samples: int = 1
+    samples: int | None = None
     sampling: str = "stream"
     batch: int | None = None
     epochs: float = 1.0
@@ -216,10 +240,11 @@ class Eigensolver:
         choice("method", self.method, METHODS)
         if self.which is not None:
             choice("which", self.which, WHICH)
-        positive_int("passes", self.passes)
-        integer("oversample", self.oversample, minimum=0)
+        optional_positive_int("passes", self.passes)
+        if self.oversample is not None:
+            integer("oversample", self.oversample, minimum=0)
         choice("fisher", self.fisher, ("sampled", "gaussian", "ggn", "empirical"))
-        positive_int("samples", self.samples)
+        optional_positive_int("samples", self.samples)
         choice("sampling", self.sampling, ("stream", "fixed", "full"))
         optional_positive_int("batch", self.batch)
         positive("epochs", self.epochs)
@@ -227,6 +252,15 @@ class Eigensolver:
         positive_int("block", self.block)
         positive_int("micro_batch_size", self.micro_batch_size)
         integer("seed", self.seed)
+
+    def plan(self, n: int, p: int) -> tuple[int, int, int]:
+        """``(samples, passes, oversample)`` of the randomized solver for ``n`` examples and
+        ``p`` parameters: what is not set is ``(1, 2, 10)``, or ``(16, 3, 30)`` when that much
+        work (``48 · n · p`` example-parameters) fits in ``budget`` — small models get a less
+        noisy Fisher and one more power step for the cost of one pass on a large model."""
+        cheap = 48 * n * p <= self.budget
+        return (self.samples or (16 if cheap else 1), self.passes or (3 if cheap else 2),
+                self.oversample if self.oversample is not None else (30 if cheap else 10))
 
     def resolved(self, curvature: str) -> str:
         """The method used for ``curvature``."""
@@ -239,7 +273,7 @@ class Eigensolver:
         method = self.resolved(curvature)
         if method == "randomized":
             s = {"method": method, "which": self.which, "passes": self.passes,
-                 "oversample": self.oversample, "seed": self.seed}
+                 "oversample": self.oversample, "seed": self.seed, "budget": self.budget}
             if curvature == "ggn":
                 s.update(fisher=self.fisher, samples=self.samples)
             return s
@@ -271,24 +305,26 @@ def curvature_eigenpairs(
     task: Task, data: Data, rank: int = 50, iterations: int = 200, *,
     curvature: str = "hessian", solver: Eigensolver = Eigensolver(), which: str | None = None,
     basis_budget: int = 2 * 2**30, progress: bool | None = None,
-    done: Mapping[int, torch.Tensor] | None = None,
-    on_pass: Callable[[int, torch.Tensor], None] | None = None,
+    done: Mapping[int, Any] | None = None,
+    on_pass: Callable[[int, Any], None] | None = None,
 ) -> Eigenpairs:
     """Top ``rank`` eigenpairs of the mean-loss curvature of ``task`` over ``data``.
 
     **Randomized** (``solver.resolved(curvature) == "randomized"``): ``solver.passes`` passes
     over all of ``data``, each applying the curvature to ``rank + oversample`` vectors — for the
-    GGN through per-example sampled-label Fisher gradients
+    GGN through per-example Fisher gradients of drawn output vectors
     (:class:`~influencekit.curvature.randomized.FisherGradients`, Nyström at the end), for the
     Hessian through block Hessian-vector products (Rayleigh–Ritz). ``done`` / ``on_pass``
-    resume and record the passes (see :func:`~influencekit.curvature.randomized_eigh`);
-    ``iterations`` is not used.
+    resume and record the passes (``{"y": Y}`` per pass, see
+    :func:`~influencekit.curvature.randomized_eigh`); ``iterations`` is not used.
 
     **Arnoldi**: ``iterations`` steps. With the default stream and no ``solver.batch``, each
     pass takes ``ceil(epochs × N / passes)`` examples, so the curvature information comes from
     the whole training set at the cost of about ``epochs`` epochs of curvature products; and at
     least ``max(32, budget / (passes × P))``: the default budget (1e9 example-parameters) gives
     the digits MLP (P = 2.4k) the full set and the MNIST CNN (P = 106k) 48 examples per pass.
+    ``done`` / ``on_pass`` resume and record checkpoints of the iteration (every 25
+    applications: new basis rows, coefficients and the data stream's state).
 
     Eigenvectors are returned in the task's dtype, eigenvalues in float64.
     """
@@ -298,22 +334,24 @@ def curvature_eigenpairs(
         raise InputError("the training data is empty: give at least one example.")
     which = which or solver.which or "magnitude"
     if solver.resolved(curvature) == "randomized":
+        samples, passes, oversample = solver.plan(n, p)
         sketch = None
         if curvature == "ggn":
             fisher = FisherGradients(
-                task, data, fisher=solver.fisher, samples=solver.samples, seed=solver.seed,
+                task, data, fisher=solver.fisher, samples=samples, seed=solver.seed,
                 batch_size=min(solver.micro_batch_size, 64), progress=progress)
             op: Callable[[torch.Tensor], torch.Tensor] = fisher
             sketch = partial(fisher.sketch, seed=solver.seed)
         else:
             op = CurvatureOperator(task, data, curvature, sampling="full",
                                    micro_batch_size=solver.micro_batch_size)
-        pairs = randomized_eigh(op, p, rank, passes=solver.passes,
-                                oversample=solver.oversample, seed=solver.seed,
-                                psd=curvature == "ggn", which=which, sketch=sketch,
-                                done=done, on_pass=on_pass)
+        pairs = randomized_eigh(
+            op, p, rank, passes=passes, oversample=oversample, seed=solver.seed,
+            psd=curvature == "ggn", which=which, sketch=sketch,
+            done={i: t["y"] for i, t in (done or {}).items()},
+            on_pass=None if on_pass is None else (lambda i, y: on_pass(i, {"y": y})))
         pairs.vectors = pairs.vectors.to(task.device, task.dtype)
-        pairs.info.update(examples_seen=n * (solver.passes - len(done or {})),
+        pairs.info.update(examples_seen=n * (passes - len(done or {})), samples=samples,
                           sampling="full", batch=n, curvature=curvature)
         return pairs
     batch = solver.batch
@@ -325,8 +363,23 @@ def curvature_eigenpairs(
                            micro_batch_size=solver.micro_batch_size, seed=solver.seed)
     dtype = torch.float64 if (iterations + solver.block) * p * 8 <= basis_budget \
         else torch.float32
+    resume = [done[i] for i in sorted(done or {})]
+    if resume:  # the data stream continues where the checkpoint left it
+        st = resume[-1]["stream"]
+        op.gen.set_state(st["rng"])
+        op._order, op.examples_seen = st["order"], int(st["seen"])
+
+    written = [len(resume)]
+
+    def checkpoint(state: dict[str, Any]) -> None:
+        state["stream"] = {"rng": op.gen.get_state(), "order": op._order.clone(),
+                           "seen": op.examples_seen}
+        on_pass(written[0], state)  # type: ignore[misc]
+        written[0] += 1
+
     krylov = arnoldi(op, p, min(iterations, p), block=solver.block, seed=solver.seed,
-                     dtype=dtype, device=task.device, progress=progress)
+                     dtype=dtype, device=task.device, progress=progress, resume=resume,
+                     on_checkpoint=None if on_pass is None else checkpoint)
     pairs = distill(krylov, rank, which, dtype=task.dtype)
     pairs.info.update(solver="arnoldi", examples_seen=op.examples_seen,
                       sampling=solver.sampling, batch=op.batch, curvature=curvature)

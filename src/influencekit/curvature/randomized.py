@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch.func import grad, vmap
 
-from ..autodiff import _try_vmap, per_example_grads
+from ..autodiff import _try_vmap
 from ..batching import (
     Batch,
     Data,
@@ -259,22 +259,3 @@ class FisherGradients:
         qf = q.to(self.task.device, self.task.dtype)
         return self._pass(lambda g, start, b: (g @ qf.T).T @ g, tuple(q.shape))
 
-
-class LossGradients:
-    """Per-example gradients ``[B, P]`` of the loss (or measurement): from the layers'
-    captured activations and output gradients when every selected parameter is in a linear or
-    conv layer (one batched forward and backward, no vmap), else by
-    :func:`~influencekit.autodiff.per_example_grads`."""
-
-    def __init__(self, task: Task):
-        self.task = task
-        self._capture = KroneckerCurvature(task, fisher="empirical", batch_size=2**30,
-                                           progress=False)
-
-    def __call__(self, batch: Batch, kind: str = "loss") -> torch.Tensor:
-        if kind != "loss" or not self._capture.covers_all():
-            return per_example_grads(self.task, batch, kind)
-        g = torch.cat([g for g, _ in self._capture.example_grads(batch)])
-        check_finite(g.sum(1), "per-example loss gradients",  # a NaN/inf spreads to its sum
-                     "Check the inputs for NaN/inf and the model for overflow.")
-        return g

@@ -24,8 +24,10 @@ the top ``rank`` Ritz pairs by ``|λ|``.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,9 +36,17 @@ from ..autodiff import iter_grads
 from ..batching import Batch, Data, iter_batches, num_examples, take, to_device
 from ..curvature import CurvatureOperator
 from ..curvature.arnoldi import arnoldi
-from ..curvature.spectral import Eigenpairs, InverseFilter, SpectralFilter
+from ..curvature.spectral import InverseFilter, SpectralFilter
 from ..errors import CurvatureError
+from ..groundtruth.cache import Cache
 from ..groundtruth.metrics import rowwise_spearman
+from ..store import (
+    architecture_fingerprint,
+    data_fingerprint,
+    hash_value,
+    model_fingerprint,
+    task_fingerprint,
+)
 from ..task import Task
 from .verdicts import Section, grade, worst
 
@@ -46,26 +56,28 @@ LISSA_TOLERANCE = 1e-2  # residual on the slowest eigen-direction counted as con
 
 @dataclass
 class Spectrum:
-    """Ritz pairs of one Lanczos run (descending) and the SLQ density of all its probes."""
+    """Ritz values of one Lanczos run (descending), the SLQ density of all its probes and,
+    until they are projected away, the Ritz vectors ``[m, P]``."""
 
-    pairs: Eigenpairs
+    values: torch.Tensor  # [m] float64, descending
     nodes: torch.Tensor  # SLQ nodes: Ritz values of every probe
     weights: torch.Tensor  # SLQ weights, summing to 1
     dim: int  # P
     examples: int  # examples the operator averages over
+    vectors: torch.Tensor | None = None
 
     @property
     def lambda_max(self) -> float:
-        return float(self.pairs.values.max())
+        return float(self.values.max())
 
     @property
     def lambda_min(self) -> float:
-        return float(self.pairs.values.min())
+        return float(self.values.min())
 
     @property
     def complete(self) -> bool:
         """The Krylov space spans the whole parameter space (the Ritz values are exact)."""
-        return len(self.pairs) >= self.dim
+        return len(self.values) >= self.dim
 
     def negative_mass(self) -> float:
         """``Σ_{λ<0} |λ| w / Σ |λ| w``: the share of the spectrum's absolute mass below 0."""
@@ -77,13 +89,19 @@ class Spectrum:
         """``Σ_{λ<0} w``: the estimated fraction of eigenvalues below 0."""
         return float(self.weights[self.nodes < 0].sum())
 
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the vectors (what the probe stores)."""
+        return {"values": self.values, "nodes": self.nodes, "weights": self.weights,
+                "dim": self.dim, "examples": self.examples}
+
 
 def lanczos_spectrum(task: Task, data: Data, curvature: str = "hessian", *,
                      iterations: int = 40, batch: int = 256, data_seed: int = 0, seed: int = 0,
                      probes: int = 1, progress: bool | None = None) -> Spectrum:
     """Ritz pairs of the mean-loss curvature over ``batch`` examples of ``data`` (all of them
     when ``batch ≥ N``; else a fixed subset drawn with ``data_seed``): ``iterations`` Lanczos
-    steps from a start vector drawn with ``seed``; ``probes`` start vectors for the density."""
+    steps from a start vector drawn with ``seed``; ``probes`` start vectors for the density
+    (the Ritz vectors are the first probe's)."""
     n = num_examples(data)
     op = CurvatureOperator(task, data, curvature, sampling="full" if batch >= n else "fixed",
                            batch=min(batch, n), seed=data_seed)
@@ -100,10 +118,10 @@ def lanczos_spectrum(task: Task, data: Data, curvature: str = "hessian", *,
         if first is None:
             vectors = u.T.to(k.basis.device) @ k.basis[:m].to(torch.float64)
             order = torch.argsort(values, descending=True)
-            first = Eigenpairs(values[order], vectors[order.to(vectors.device)].to(task.dtype))
+            first = (values[order], vectors[order.to(vectors.device)].to(task.dtype))
     assert first is not None
     w = torch.cat(weights)
-    return Spectrum(first, torch.cat(nodes), w / w.sum(), p, op.batch)
+    return Spectrum(first[0], torch.cat(nodes), w / w.sum(), p, op.batch, first[1])
 
 
 @dataclass
@@ -201,43 +219,66 @@ class CurvatureProbe:
         stationarity check; rank: Ritz pairs kept; iterations: Lanczos steps per run;
         curvature_batch: examples the curvature averages over; probes: SLQ start vectors;
         seed: of everything random here.
+        store: a folder where the measurements (Ritz values, projections; not the vectors) are
+            kept, keyed by model, data, queries and settings: a rerun reads them back.
     """
 
     def __init__(self, task: Task, train: Data, queries: Batch, pool: torch.Tensor, *,
                  damping: float | None, rank: int, iterations: int, curvature_batch: int,
                  weight_decay: float = 0.0, probes: int = 1, seed: int = 0,
-                 progress: bool | None = None):
-        t0 = time.perf_counter()
+                 store: str | os.PathLike[str] | None = None, progress: bool | None = None):
         self.task, self.train, self.pool = task, train, pool
         self.n = num_examples(train)
         self.iterations, self.curvature_batch = iterations, min(curvature_batch, self.n)
-        kw = {"iterations": iterations, "batch": self.curvature_batch, "progress": progress}
-        self.hessian = lanczos_spectrum(task, train, "hessian", data_seed=seed, seed=seed,
-                                        probes=probes, **kw)
         self.weight_decay = float(weight_decay)
+        settings = {"iterations": iterations, "batch": self.curvature_batch, "probes": probes,
+                    "seed": seed, "weight_decay": self.weight_decay}
+        key = hash_value(architecture_fingerprint(task.model), model_fingerprint(task.model),
+                         task_fingerprint(task), data_fingerprint(train), queries,
+                         pool, settings)
+        state = Cache(store).get_or_compute(
+            "curvature-probe", key,
+            lambda: self._measure(task, train, queries, pool, settings, progress))
+        self.hessian = Spectrum(**state["hessian"])
+        self.spectra = {k: Spectrum(**v) for k, v in state["spectra"].items()}
+        self.ggn = self.spectra["ggn"]
+        self.variants = {k: v for k, v in self.spectra.items() if k != "ggn"}
+        self.proj = Projections(state["pool"], state["queries"], state["pool_grad_norms"])
+        self.mean_grad = float(state["mean_grad"])
+        self.seconds = float(state["seconds"])
         self.damping = (float(damping) if damping is not None else self.weight_decay
                         or 1e-3 * max(abs(self.hessian.lambda_max), 1e-12))
-        self.rank = min(rank, len(self.hessian.pairs))
-        self.variants = {
-            "solver seed": lanczos_spectrum(task, train, "hessian", data_seed=seed,
-                                            seed=seed + 101, **kw).pairs,
-        }
-        if self.curvature_batch < self.n:  # another subset of the same size
-            self.variants["curvature subset"] = lanczos_spectrum(
-                task, train, "hessian", data_seed=seed + 202, seed=seed, **kw).pairs
-        self.ggn = lanczos_spectrum(task, train, "ggn", data_seed=seed, seed=seed, **kw).pairs
-        bases = {"hessian": self.hessian.pairs.vectors, "ggn": self.ggn.vectors}
-        bases.update({k: v.vectors for k, v in self.variants.items()})
-        self.proj = project(task, take(train, pool), queries, bases, progress=progress)
-        self.mean_grad = mean_gradient_norm(task, train, self.weight_decay)
-        self.seconds = time.perf_counter() - t0
+        self.rank = min(rank, len(self.hessian.values))
+
+    def _measure(self, task: Task, train: Data, queries: Batch, pool: torch.Tensor,
+                 settings: dict[str, Any], progress: bool | None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        seed = settings["seed"]
+        kw = {"iterations": settings["iterations"], "batch": settings["batch"],
+              "progress": progress}
+        hessian = lanczos_spectrum(task, train, "hessian", data_seed=seed, seed=seed,
+                                   probes=settings["probes"], **kw)
+        spectra = {"ggn": lanczos_spectrum(task, train, "ggn", data_seed=seed, seed=seed, **kw),
+                   "solver seed": lanczos_spectrum(task, train, "hessian", data_seed=seed,
+                                                   seed=seed + 101, **kw)}
+        if settings["batch"] < self.n:  # another subset of the same size
+            spectra["curvature subset"] = lanczos_spectrum(task, train, "hessian",
+                                                           data_seed=seed + 202, seed=seed, **kw)
+        bases = {"hessian": hessian.vectors, **{k: v.vectors for k, v in spectra.items()}}
+        proj = project(task, take(train, pool), queries, bases, progress=progress)
+        return {"hessian": hessian.to_dict(),
+                "spectra": {k: v.to_dict() for k, v in spectra.items()},
+                "pool": proj.pool, "queries": proj.queries,
+                "pool_grad_norms": proj.pool_grad_norms,
+                "mean_grad": mean_gradient_norm(task, train, settings["weight_decay"]),
+                "seconds": time.perf_counter() - t0}
 
     def scores(self, basis: str = "hessian", *, rank: int | None = None,
                damping: float | None = None,
                spectral_filter: SpectralFilter | None = None) -> torch.Tensor:
         """``[Q, n_pool]`` ABIF scores from one of the bases."""
-        pairs = {"hessian": self.hessian.pairs, "ggn": self.ggn, **self.variants}[basis]
-        return spectral_scores(pairs.values, self.proj.queries[basis], self.proj.pool[basis],
+        values = self.hessian.values if basis == "hessian" else self.spectra[basis].values
+        return spectral_scores(values, self.proj.queries[basis], self.proj.pool[basis],
                                rank or self.rank, self.damping if damping is None else damping,
                                spectral_filter)
 
@@ -245,6 +286,7 @@ class CurvatureProbe:
 # --------------------------------------------------------------------------- convexity
 def convexity_section(probe: CurvatureProbe) -> Section:
     """Assumption 1 (see the module docstring for the numbers)."""
+    t0 = time.perf_counter()
     s = probe.hessian
     lmax, lmin = s.lambda_max, s.lambda_min
     negativity = max(0.0, -lmin) / max(abs(lmax), 1e-300)
@@ -267,8 +309,8 @@ def convexity_section(probe: CurvatureProbe) -> Section:
         "mean_gradient_norm": probe.mean_grad,
         "mean_example_gradient_norm": float(probe.proj.pool_grad_norms.mean()),
         "stationarity": stationarity, "hessian_ggn_spearman": agreement,
-        "krylov_dim": len(s.pairs), "exact_spectrum": s.complete,
-        "curvature_examples": s.examples, "ritz_values": s.pairs.values.tolist(),
+        "krylov_dim": len(s.values), "exact_spectrum": s.complete,
+        "curvature_examples": s.examples, "ritz_values": s.values.tolist(),
     }
     summary = (f"λ_max {lmax:.3g}, λ_min {lmin:.3g} (−λ_min/λ_max = {negativity:.2g}, "
                f"{100 * s.negative_mass():.1f}% of the spectral mass negative); mean gradient "
@@ -290,7 +332,7 @@ def convexity_section(probe: CurvatureProbe) -> Section:
                    rule="−λ_min/λ_max ≤ 1e-3 holds, > 0.05 fails (weak at most when the damping "
                         "exceeds −λ_min); stationarity ≤ 0.1 holds, > 0.3 fails; Hessian–GGN "
                         "Spearman ≥ 0.7 holds, < 0.3 fails; the verdict is the worst.",
-                   seconds=probe.seconds, figures={"spectrum": _spectrum_png(probe)})
+                   seconds=time.perf_counter() - t0, figures={"spectrum": _spectrum_png(probe)})
 
 
 # --------------------------------------------------------------------------- stability
@@ -298,7 +340,7 @@ def stability_section(probe: CurvatureProbe, top_k: int = 10) -> Section:
     """Assumption 2 (see the module docstring for the numbers)."""
     t0 = time.perf_counter()
     d = probe.damping
-    values = probe.hessian.pairs.values
+    values = probe.hessian.values
     kept = values[torch.argsort(values.abs(), descending=True)[:probe.rank]] + d
     condition = float(kept.abs().max() / kept.abs().min().clamp_min(1e-300))
     decay = float(values.abs().sort(descending=True).values[probe.rank - 1]
@@ -308,7 +350,7 @@ def stability_section(probe: CurvatureProbe, top_k: int = 10) -> Section:
         base = probe.scores()
         changes: dict[str, torch.Tensor] = {
             "damping ÷3": probe.scores(damping=d / 3), "damping ×3": probe.scores(damping=d * 3)}
-        if 2 * probe.rank <= len(probe.hessian.pairs):
+        if 2 * probe.rank <= len(probe.hessian.values):
             changes["rank ×2"] = probe.scores(rank=2 * probe.rank)
         changes.update({k: probe.scores(k) for k in probe.variants})
         for name, other in changes.items():
@@ -378,7 +420,7 @@ def _spectrum_png(probe: CurvatureProbe) -> bytes:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.4))
-    for name, vals in (("Hessian", probe.hessian.pairs.values), ("GGN", probe.ggn.values)):
+    for name, vals in (("Hessian", probe.hessian.values), ("GGN", probe.ggn.values)):
         v = vals.sort(descending=True).values.numpy()
         ax.plot(np.arange(1, len(v) + 1), v, marker=".", lw=1, label=name)
     ax.axhline(0, color="k", lw=0.6)

@@ -77,8 +77,8 @@ def diagnose(
         unrolled: exact unrolled influence in section 3 (``"auto"``: when affordable).
         sections: which of ``convexity, stability, trajectory, divergence, linearity`` to run.
         seed: of the subsets, pool and start vectors.
-        store: a folder where the twin and group runs are kept (a rerun resumes); default a
-            temporary folder.
+        store: a folder where the curvature measurements and the twin and group runs are kept
+            (a rerun resumes from them); default a temporary folder.
 
     Returns:
         a :class:`~influencekit.diagnostics.Diagnosis`: ``.trust`` (read this first),
@@ -112,11 +112,13 @@ def diagnose(
     gen = torch.Generator().manual_seed(int(seed))
     pool_idx = torch.randperm(n, generator=gen)[:min(pool, n)]
     out: dict[str, Section] = {}
+    timings: dict[str, float] = {}
     log_stage("curvature: Lanczos on the Hessian (both ends) and GGN", progress)
     probe = CurvatureProbe(task, train, queries, pool_idx, damping=damping, rank=rank,
                            iterations=iterations, curvature_batch=curvature_batch,
                            weight_decay=0.0 if config is None else config.weight_decay,
-                           probes=probes, seed=seed, progress=progress)
+                           probes=probes, seed=seed, store=store, progress=progress)
+    timings["curvature probe (Lanczos ×4, gradients)"] = probe.seconds
     if "convexity" in sections:
         out["convexity"] = convexity_section(probe)
     if "stability" in sections:
@@ -127,8 +129,10 @@ def diagnose(
         with _folder(store) as folder:
             log_stage(f"continued runs: {cfg.epochs} epoch(s) at lr {cfg.lr:.3g}, "
                       f"{min(n_removed, len(pool_idx))} removal twins + control", progress)
+            t_runs = time.perf_counter()
             runs = continued_runs(task, train, queries, cfg, probe, n_removed, store=folder,
                                   progress=progress)
+            timings["continued runs (removal twins, control)"] = time.perf_counter() - t_runs
             if "trajectory" in sections:
                 out["trajectory"] = trajectory_section(runs, probe, unrolled=unrolled)
             if "divergence" in sections:
@@ -143,7 +147,9 @@ def diagnose(
              "damping": probe.damping, "rank": probe.rank, "iterations": iterations,
              "curvature_batch": probe.curvature_batch, "pool": len(pool_idx),
              "config": vars(cfg) if dynamic else None, "config_given": config is not None,
-             "seed": seed, "seconds": time.perf_counter() - t0}
+             "seed": seed, "seconds": time.perf_counter() - t0,
+             "seconds_by_stage": {**timings, **{f"section {k}": v.seconds
+                                                for k, v in out.items()}}}
     return Diagnosis(ordered, setup)
 
 

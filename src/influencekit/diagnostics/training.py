@@ -189,11 +189,19 @@ def trajectory_section(runs: ContinuedRuns, probe: CurvatureProbe, *,
     gap = corr[best]["spearman"] - static
     verdict = grade(gap, 0.1, 0.3)
     steps = int(runs.twins.steps[-1])
+    lost = max(static, corr[best]["spearman"]) < 0.3  # nothing first-order tracks the run
+    if lost:
+        verdict = "fails" if verdict == "fails" else "weak"
     best_sp = corr[best]["spearman"]
     summary = (f"after {steps} continued steps, influence at the fitted point correlates "
                f"{static:.2f} (Spearman) with the actual change, {best} {best_sp:.2f}"
                f" (gap {gap:+.2f})" + ("" if use_unrolled else "; unrolled not computed") + ".")
+    if lost:
+        summary += (" Neither tracks the run at its end: divergence, not the choice of "
+                    "trajectory, limits the prediction (see assumption 4).")
     advice = ("none: the end point carries the information." if verdict == "holds" else
+              "inconclusive at this horizon: compare the estimators over shorter continued "
+              "runs (a smaller config.epochs or learning rate)" if lost else
               f"when an example was seen matters here: prefer trajectory-aware influence "
               f"(ik.dynamics.trajectory_influence; {best}: {best_sp:.2f}) or TracIn over "
               "checkpoints to end-point influence for runs like this one")
@@ -202,7 +210,7 @@ def trajectory_section(runs: ContinuedRuns, probe: CurvatureProbe, *,
                     "unrolled": use_unrolled, "unrolled_skipped_because": why or None,
                     "n_removed": len(runs.removed)},
                    rule="gap = best trajectory-aware Spearman − end-point Spearman; ≤ 0.1 holds,"
-                        " > 0.3 fails.",
+                        " > 0.3 fails; weak at best when no prediction reaches Spearman 0.3.",
                    seconds=time.perf_counter() - t0)
 
 

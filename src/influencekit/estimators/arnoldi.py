@@ -29,7 +29,8 @@ preconditioner). ``sketch=d`` instead stores a ``d``-dimensional CountSketch of 
 with the projections, and queries read the store only (an unbiased estimate of the complement
 term; measured on the MNIST CNN: 9× faster queries at ``d = 4096``, Spearman 0.89 to exact).
 
-Memory (peak, never ``N × P``): ``(iterations + 1) × P`` basis values while fitting, ``rank × P``
+Memory (peak, never ``N × P``): while fitting, three ``(rank + oversample) × P`` blocks
+(randomized solver) or ``(iterations + 1) × P`` basis values (Arnoldi); ``rank × P``
 eigenvectors, ``batch_size × P`` per-example gradients, ``N × rank`` features (on disk with
 ``store=``, read back a chunk at a time), plus the ``n_queries × N`` score matrix returned.
 """
@@ -41,10 +42,10 @@ from typing import Any
 
 import torch
 
-from ..autodiff import CURVATURES, value_jvps
+from ..autodiff import CURVATURES, per_example_grads, value_jvps
 from ..batching import Batch, Data, batch_size_of, iter_batches, num_examples, to_device
 from ..curvature import Eigenpairs, Eigensolver, SpectralFilter, as_filter, curvature_eigenpairs
-from ..curvature.randomized import LossGradients, release_memory
+from ..curvature.randomized import release_memory
 from ..errors import CurvatureError, InputError
 from ..progress import progress_bar
 from ..store import fingerprint, tensor_fingerprint
@@ -115,7 +116,6 @@ class ArnoldiInfluence(Estimator):
         self.timings: dict[str, float] = {}
         self._weights: tuple[torch.Tensor, float] | None = None
         self._sketch_map: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._grads = LossGradients(task)
 
     # ----------------------------------------------------------------- settings
     def settings(self) -> dict[str, Any]:
@@ -171,15 +171,16 @@ class ArnoldiInfluence(Estimator):
             art.save({"values": pairs.values, "vectors": pairs.vectors}, **pairs.info)
         return pairs
 
-    def _pass_log(self, train: Data) -> tuple[dict[int, torch.Tensor], Any]:
-        """The randomized solver's finished passes from the store, and how to record more
-        (each pass is one chunk of the ``arnoldi-passes`` artifact, written atomically)."""
-        if self.store is None or self.method != "randomized":
+    def _pass_log(self, train: Data) -> tuple[dict[int, Any], Any]:
+        """The eigensolver's finished passes (randomized) or checkpoints (Arnoldi) from the
+        store, and how to record more: each is one chunk of the ``arnoldi-passes`` artifact,
+        written atomically, so a killed eigensolve resumes after the last one."""
+        if self.store is None:
             return {}, None
         fp = fingerprint(task=self.task, data=train, settings=self.settings())
         art = self.store.open("arnoldi-passes", fp, self.settings(), overwrite=self.overwrite)
-        done = {i: art.read_chunk(i)["y"] for i in art.done_chunks()}
-        return done, lambda i, y: art.write_chunk(i, {"y": y})
+        done = {i: art.read_chunk(i) for i in art.done_chunks()}
+        return done, art.write_chunk
 
     # ----------------------------------------------------------------- the filter
     def spectral_filter(self) -> tuple[torch.Tensor, float]:
@@ -207,17 +208,20 @@ class ArnoldiInfluence(Estimator):
         projected by JVPs) or ``sketch`` (CountSketch of the complement)."""
         e = self.eigen.vectors
         if self._sketching():
-            g = self._grads(batch, kind)
+            g = per_example_grads(self.task, batch, kind)
             coords = g @ e.T.to(g.dtype)
             resid = (g - coords @ e.to(g.dtype)).to(torch.float64)
             bucket, sign = (t.to(g.device) for t in self._sketch_hash())
             sk = torch.zeros(g.shape[0], self.sketch, dtype=torch.float64, device=g.device)
-            return {"G": coords, "sketch": sk.index_add_(1, bucket, resid * sign)}
+            out = {"G": coords, "sketch": sk.index_add_(1, bucket, resid * sign)}
+            del g, resid
+            release_memory()
+            return out
         if self._method(batch) == "jvp":
             proj = value_jvps(self.task, batch, e, kind).T
             return {"G": proj, "sqnorm": torch.full((proj.shape[0],), float("nan"),
                                                     dtype=torch.float64)}
-        g = self._grads(batch, kind)
+        g = per_example_grads(self.task, batch, kind)
         out = {"G": g @ e.T.to(g.dtype), "sqnorm": (g * g).sum(1, dtype=torch.float64)}
         del g
         release_memory()
@@ -225,14 +229,14 @@ class ArnoldiInfluence(Estimator):
 
     def _score_gradients(self, q: torch.Tensor, train: Data) -> torch.Tensor:
         """The complement path: ``q [k, P]`` against every training gradient, streamed (the
-        base's loop, with the faster gradients of :class:`LossGradients`)."""
+        base's loop, with products in the model's precision and the heap trimmed)."""
         cols = []
         n = num_examples(train)
         q = q.to(self.task.dtype)  # products in the model's precision (float32: 2× faster)
         bar = progress_bar(total=n, desc="train gradients", unit="ex", progress=self.progress)
         with bar:
             for batch in iter_batches(train, self.batch_size):
-                g = self._grads(to_device(batch, self.task.device), "loss")
+                g = per_example_grads(self.task, to_device(batch, self.task.device), "loss")
                 cols.append((q @ g.T).to(torch.float64).cpu())
                 bar.update(g.shape[0])
                 del g
@@ -278,9 +282,9 @@ class ArnoldiInfluence(Estimator):
 
     def _choose_projection(self, batch: Batch) -> str:
         """By rule, not by timing: per-example gradients cost about one backward pass per
-        example whatever the rank, ``rank`` JVPs about ``rank`` forward-mode passes (measured
-        on the MNIST CNN at rank 50: gradients 3× faster), so gradients win unless a batch of
-        them would not fit in ``_GRAD_BYTES``; the complement needs gradient norms anyway."""
+        example whatever the rank, ``rank`` JVPs about ``rank`` forward-mode passes, so
+        gradients unless a batch of them would not fit in ``_GRAD_BYTES`` (and rank ≤ 64); the
+        complement needs gradient norms anyway."""
         if self.projection != "auto":
             return self.projection
         if self.spectral_filter()[1]:

@@ -254,12 +254,13 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
     plt = pyplot()
     ms = sorted({r["examples"] for r in rows})
     panels = len(ms) + (len(ms) > 1)
+    color = {k: f"C{i % 10}" for i, k in enumerate(dict.fromkeys(r["method"] for r in rows))}
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
     for ax, m in zip(axes[0], ms):
         for r in (r for r in rows if r["examples"] == m):
             n = max(r["targets"], 1)
             ax.plot(range(len(r["fixed_within"])), [f / n for f in r["fixed_within"]],
-                    marker=".", label=r["method"])
+                    marker=".", label=r["method"], color=color[r["method"]])
         ax.set(xlabel="fine-tuning steps", ylabel="fraction of targets fixed", ylim=(0, 1.02),
                title=f"m = {m} examples")
         ax.grid(alpha=0.3)
@@ -274,9 +275,11 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
             y = [r["fix_rate"] for r in mine]
             err = [[v - r["fix_rate_ci"][0] for v, r in zip(y, mine)],
                    [r["fix_rate_ci"][1] - v for v, r in zip(y, mine)]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method, color=color[method])
         ax.set(xscale="log", xlabel="examples m", ylabel=f"fixed within K = {rows[0]['steps']}",
                ylim=(0, 1.02), title="fix rate vs m (95% CI)")
+        ax.set_xticks(ms, [str(m) for m in ms])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -82,7 +82,7 @@ QUICK_SIZES: dict[str, dict[str, Any]] = {
     # bert: 2,048 examples × 6 epochs (or 4,096 × 3) reach 76.5% test accuracy on the cached
     # features; 256 × 3 reached 68.8%
     "text": {"n_train": 2048, "n_queries": 30, "n_removed": 10, "start_epochs": 6,
-             "epochs": 1, "batch_size": 32, "record_every": 4,
+             "epochs": 2, "batch_size": 32, "record_every": 4,
              "methods": "arnoldi:iterations=30:rank=15,graddot,same-time"},
 }
 QUICK = QUICK_SIZES["vector"]  # (kept: the digits/MLP quick sizes)
