@@ -8,6 +8,7 @@ from torch import nn
 
 import influencekit as ik
 from influencekit import correction as C
+from influencekit.batching import slice_batch
 from influencekit.errors import InputError
 from influencekit.store import model_fingerprint
 
@@ -126,6 +127,10 @@ def test_correct_all_fits_once_and_resumes(planted, tmp_path):
     rand = C.correct_all(model, targets, train, selection="random", examples=N_PLANTED,
                           steps=5, lr=0.5, progress=False)
     assert rand.label == "random" and rand.n_fixed == 0
+    # other targets in the same store (e.g. another --n-queries): records of their own
+    fewer = C.correct_all(model, slice_batch(targets, slice(0, 2)), train, **kw)
+    assert len(calls) == 2 and fewer.n_targets == 2
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("correct-")]) == 2
 
 
 @pytest.mark.parametrize("kw, name", [

@@ -52,6 +52,7 @@ from .store import (
     ArtifactStore,
     atomic_write,
     atomic_write_text,
+    digest,
     fingerprint,
     hash_value,
     model_fingerprint,
@@ -503,7 +504,8 @@ def correct_all(model: nn.Module, targets: Batch, train: Batch, *, estimator: An
     call's, to compare budgets). ``holdout="rest"`` (default) measures collateral damage on the
     other examples of ``targets``; a batch: on it; ``None``: not at all. ``store``: a folder
     where each target's record is written as it finishes; a rerun with the same model, data
-    and settings resumes (a changed model or data is refused). Target ``i`` uses the seed
+    and settings resumes; a changed model, data or settings gets records of its own (the name
+    holds the whole fingerprint, so nothing stale is read or refused). Target ``i`` uses the seed
     ``seed + i``. ``label`` names the selection in the result (default: the method's name).
     Other arguments: as for :func:`correct`. Corrected models are not kept (only records).
     """
@@ -545,7 +547,7 @@ def correct_all(model: nn.Module, targets: Batch, train: Batch, *, estimator: An
         st = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
         fp = fingerprint(model=model, data=targets, settings=settings,
                          train=hash_value(train))
-        name = f"correct-{_slug(label)}-{hash_value(settings)[:12]}"
+        name = f"correct-{_slug(label)}-{digest(fp)[:12]}"
         art = st.open(name, fp, {**settings, "label": label})
     done = set(art.done_chunks()) if art is not None else set()
     fit_s = 0.0

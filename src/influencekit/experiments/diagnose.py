@@ -24,11 +24,9 @@ import torch
 
 from ..diagnostics import SECTIONS, diagnose
 from ..errors import InputError
-from ..groundtruth import Cache, Retrainer
 from ..task import ClassificationTask
-from ..training import TrainConfig
 from . import arguments as arg
-from .dynamics import DATASETS, MODELS, accuracy, load_data, sizes
+from .dynamics import DATASETS, MODELS, load_data, sizes, start_point
 from .text import BERT_LR, add_bert_options, check_inputs
 
 # continued-run and probe sizes by model kind (full / --quick); a flag given wins
@@ -129,14 +127,7 @@ def run(args: argparse.Namespace) -> int:
     d, full_test, builder = load_data(args, progress)
     if args.n_removed > len(d.train[1]):
         raise InputError(f"--n-removed {args.n_removed} exceeds the training set.")
-    start_cfg = TrainConfig(epochs=args.start_epochs, batch_size=args.batch_size,
-                            lr=args.start_lr, schedule="cosine",
-                            weight_decay=args.weight_decay, seed=args.seed,
-                            init_seed=args.seed)
-    cache = Path(args.cache_dir) / "dynamics"  # shared with `influencekit dynamics`
-    model = Retrainer(builder, d.train, start_cfg, cache=Cache(cache), progress=progress).fit()
-    acc = {"test": accuracy(model, full_test), "train": accuracy(model, d.train),
-           "n_test": len(full_test[1])}
+    model, start_cfg, cache, acc = start_point(args, d, full_test, builder, progress)
     train_s = time.perf_counter() - t0
     arg.log(f"model: {args.start_epochs} epochs, test accuracy {acc['test']:.4f} on "
             f"{acc['n_test']}, train {acc['train']:.4f} ({train_s:.0f}s)")

@@ -209,6 +209,24 @@ def accuracy(model: torch.nn.Module, data: tuple[Any, Any], batch_size: int = 25
     return correct / n
 
 
+def start_point(args: argparse.Namespace, d: ik_data.DataSplits, full_test: tuple[Any, Any],
+                builder: Callable[[], torch.nn.Module], progress: bool | None
+                ) -> tuple[torch.nn.Module, TrainConfig, Path, dict[str, Any]]:
+    """The trained start point (``--start-epochs`` of SGD, cosine, cached under
+    ``--cache-dir/dynamics`` and shared by every command with the same flags), its config, the
+    cache folder and its accuracy (test, train)."""
+    start_cfg = TrainConfig(epochs=args.start_epochs, batch_size=args.batch_size,
+                            lr=args.start_lr, schedule="cosine",
+                            weight_decay=args.weight_decay, seed=args.seed,
+                            init_seed=args.seed)
+    cache = Path(args.cache_dir) / "dynamics"
+    start = Retrainer(builder, d.train, start_cfg, cache=Cache(cache),
+                      progress=progress).fit()
+    acc = {"test": accuracy(start, full_test), "train": accuracy(start, d.train),
+           "n_test": len(full_test[1])}
+    return start, start_cfg, cache, acc
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``influencekit dynamics``."""
     t0 = time.perf_counter()
@@ -220,19 +238,11 @@ def run(args: argparse.Namespace) -> int:
     d, full_test, builder = load_data(args, progress)
     if args.n_removed > len(d.train[1]):
         raise InputError(f"--n-removed {args.n_removed} exceeds the training set.")
-    start_cfg = TrainConfig(epochs=args.start_epochs, batch_size=args.batch_size,
-                            lr=args.start_lr, schedule="cosine",
-                            weight_decay=args.weight_decay, seed=args.seed,
-                            init_seed=args.seed)
-    cache = Path(args.cache_dir) / "dynamics"
-    start = Retrainer(builder, d.train, start_cfg, cache=Cache(cache),
-                      progress=progress).fit()
+    start, start_cfg, cache, acc = start_point(args, d, full_test, builder, progress)
     cfg = replace(start_cfg, epochs=args.epochs, lr=args.lr, schedule="constant",
                   optimizer=args.optimizer)
     gen = torch.Generator().manual_seed(args.seed + 1)
     removed = torch.randperm(len(d.train[1]), generator=gen)[:args.n_removed].tolist()
-    acc = {"test": accuracy(start, full_test), "train": accuracy(start, d.train),
-           "n_test": len(full_test[1])}
     arg.log(f"start point: {args.start_epochs} epochs, test accuracy {acc['test']:.4f} on "
          f"{acc['n_test']}, train {acc['train']:.4f} ({time.perf_counter() - t0:.0f}s)")
 
