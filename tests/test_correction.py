@@ -172,6 +172,12 @@ def test_cli_correct_writes_tables_and_plot(tmp_path, capsys):
     assert report["results"][0]["targets"] > 0 and len(report["results"][0]["fixed_within"]) == 3
     assert "| graddot | 2 |" in (out / "results.md").read_text()
     assert (out / "fix_rate.png").read_bytes()[:4] == b"\x89PNG"
+    # the gallery: fixed targets of the first influence method with the examples used
+    assert report["gallery"] and len(report["gallery"]) <= 4
+    for g in report["gallery"]:
+        assert g["method"] == "graddot" and 0 < g["steps_to_fix"] <= 2
+        assert len(g["examples"]) == 2 and g["predicted_before"] != g["label"]
+    assert (out / "gallery.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["correct", "--methods", "nope"]) == 2
     assert main(["correct", "--examples", "0"]) == 2
     assert "nope" in capsys.readouterr().err

@@ -342,10 +342,16 @@ def linearity_section(runs: ContinuedRuns, probe: CurvatureProbe, *,
                + (f"; removing single top-influence examples moves the queries against the "
                   f"predicted direction (slope {calib_top:.2f})" if calib_top < 0 else "")
                + ".")
+    group_ok = min(add_range.values())
+    smallest = min((g["size"] for g in groups), default=0)
     advice = ("none: predictions add up over the perturbations tried." if verdict == "holds" else
-              f"treat predictions as linear only for up-weights Δw ≤ {_fmt_range(lin_range)} "
-              f"(ε = Δw/N) and for groups of ≤ {_fmt_range(min(add_range.values()))} examples; "
-              "measure larger group effects by retraining (ik.groundtruth)")
+              ("do not read scores as effects of up-weighting: even Δw = "
+               f"{lin[0]['delta_w']:g} is not linear" if lin_range == 0 else
+               f"read scores as linear effects only for up-weights Δw ≤ {lin_range:g} (ε = Δw/N)")
+              + ("; do not add scores over groups: even the smallest group tried "
+                 f"({smallest} examples) is not additive" if group_ok == 0 else
+                 f"; add scores over groups of ≤ {group_ok:g} examples only")
+              + "; measure larger group effects by retraining (ik.groundtruth)")
     return Section("linearity", verdict, summary, advice,
                    {"upweights": lin, "groups": groups, "group_predictor": name,
                     "calibration_slope": calib, "calibration_slope_top": calib_top,

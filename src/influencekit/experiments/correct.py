@@ -8,7 +8,10 @@
    target from the same start; records stored under --cache-dir, so a rerun resumes).
 3. Writes results.json, results.md (fix rate with a 95% Wilson interval, fixed within 1 step
    and within K/4, median steps to fix, mean collateral accuracy change on the rest of the
-   queries and flipped correct predictions, time) and fix_rate.png (fix rate vs steps).
+   queries and flipped correct predictions, time), fix_rate.png (fix rate vs steps and vs m)
+   and, for image data, gallery.png: a few fixed targets beside the training examples that
+   fixed them (the first influence method at the smallest m; also under "gallery" in
+   results.json).
 
 Models: the registry's; bert (text data) is MiniLM with the last --train-last encoder layers and
 the head trained: the frozen layers' output is computed once per example and cached under
@@ -164,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
             f"{len(full_test[1])} ({acc:.4f} on the {len(d.test[1])} queries; "
             f"{time.perf_counter() - t0:.0f}s)")
     rows: list[dict[str, Any]] = []
+    shown: tuple[str, Any] | None = None  # the gallery: the first influence method's smallest m
     for label, name, options in methods:
         scores = None
         fit_s = 0.0
@@ -187,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
                                                d.train).double().cpu()
                 fit_s = time.perf_counter() - t1
                 res = correct_all(model, d.test, d.train, scores=scores, **kw)
+            if shown is None and name not in BASELINES:
+                shown = (label, res)
             row = res.summary()
             row["fit_seconds"] = fit_s
             rows.append(row)
@@ -200,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         "n_test": len(full_test[1]), "query_accuracy": acc,
         "n_train": len(d.train[1]), "n_queries": len(d.test[1]),
         "threads": torch.get_num_threads(), "results": rows,
+        "gallery": [] if shown is None else gallery(shown[0], shown[1], d),
         "total_seconds": time.perf_counter() - t_start,
     }
     out = Path(args.out or f"runs/correct/{args.dataset}-{args.model}")
@@ -212,10 +219,56 @@ def run(args: argparse.Namespace) -> int:
           f"strategy {args.strategy}.\n\n{markdown_table(rows, args.steps)}\n")
     atomic_write_text(md, out / "results.md")
     atomic_write(out / "fix_rate.png", plot(rows))
+    if report["gallery"] and ik_data.INPUTS[args.dataset] != "text":
+        atomic_write(out / "gallery.png", gallery_png(report["gallery"], d))
     print(markdown_table(rows, args.steps))
     arg.log(f"saved {out}/results.json, results.md, fix_rate.png "
          f"({report['total_seconds']:.0f}s in all)")
     return 0
+
+
+def gallery(label: str, res: Any, d: ik_data.DataSplits, n: int = 4,
+            shown: int = 8) -> list[dict[str, Any]]:
+    """Up to ``n`` fixed targets of ``res`` (a CorrectionSet) with the training examples (first
+    ``shown``) whose fine-tuning fixed them."""
+    out = []
+    for r in [r for r in res.results if r.fixed][:n]:
+        out.append({"method": label, "target": r.target_index, "label": r.target_label,
+                    "predicted_before": r.predictions[0], "steps_to_fix": r.steps_to_fix,
+                    "examples": [{"index": int(i), "label": int(d.train[1][i]),
+                                  "score": None if sc is None else float(sc)}
+                                 for i, sc in zip(r.examples[:shown], r.scores[:shown],
+                                                  strict=True)]})
+    return out
+
+
+def gallery_png(rows: list[dict[str, Any]], d: ik_data.DataSplits) -> bytes:
+    """Each fixed target (first column) beside the training examples that fixed it."""
+    from ..report.figures import png, pyplot
+
+    plt = pyplot()
+    cols = 1 + max(len(r["examples"]) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.1 * cols, 1.35 * len(rows)),
+                             squeeze=False)
+    for ax_row, r in zip(axes, rows, strict=True):
+        images = [(d.test[0][r["target"]], f"target {r['label']}\n(was {r['predicted_before']}"
+                   f", {r['steps_to_fix']} st.)")]
+        images += [(d.train[0][e["index"]], f"#{e['index']} ({e['label']})")
+                   for e in r["examples"]]
+        for ax in ax_row:
+            ax.axis("off")
+        for ax, (img, title) in zip(ax_row, images, strict=False):
+            img = img.detach().float().cpu()
+            img = img[0] if img.dim() == 3 else img
+            if img.dim() == 1:
+                side = int(img.numel() ** 0.5)
+                img = img.reshape(side, side)
+            ax.imshow(img.numpy(), cmap="gray_r")
+            ax.set_title(title, fontsize=7)
+    fig.suptitle(f"fixed targets and the training examples that fixed them ({rows[0]['method']})",
+                 fontsize=9)
+    fig.tight_layout()
+    return png(fig)
 
 
 def _pct(v: float | None) -> str:

@@ -80,9 +80,8 @@ class Preset:
     spectrum_iterations: int
     arnoldi_rank: int = 50  # the gallery's estimator
     arnoldi_iterations: int = 200
-    gallery_examples: int = 16  # mis-predicted gallery queries: fine-tune on this many
-    gallery_steps: int = 20  # proponents for up to this many steps
-    gallery_lr: float = 0.01
+    gallery_steps: int = 20  # mis-predicted gallery queries: fine-tune on the shown top
+    gallery_lr: float = 0.005  # proponents for up to this many steps (SGD at this lr)
     digits_hidden: str = "32"
     dynamics: tuple[str, ...] = ("--quick",)  # arguments of `influencekit dynamics`
     correct: tuple[str, ...] = (  # arguments of `influencekit correct` (a weak digits MLP)
@@ -280,7 +279,7 @@ class Study:
         p = self.preset
         keep = torch.arange(len(test[1]), device=test[1].device) != index
         r = correct(self.mnist()["model"], target, train_data, estimator=est,
-                    examples=p.gallery_examples, steps=p.gallery_steps, lr=p.gallery_lr,
+                    examples=p.gallery_top, steps=p.gallery_steps, lr=p.gallery_lr,
                     holdout=(test[0][keep], test[1][keep]))
         c = r.collateral
         return {"fixed": r.fixed, "steps_to_fix": r.steps_to_fix, "examples": len(r.examples),
@@ -389,8 +388,9 @@ class Study:
                          "query's true label; of the opponents of mis-predicted queries, "
                          f"{stats['opponents_with_prediction_mispredicted']:.0%} carry the "
                          "(wrong) predicted label. Each mis-predicted query was then fine-tuned "
-                         f"on its {p.gallery_examples} top proponents (SGD, lr {p.gallery_lr:g},"
-                         f" up to {p.gallery_steps} steps): {fixed} of {len(bad)} fixed.")}
+                         f"on the {p.gallery_top} top proponents shown (SGD, lr "
+                         f"{p.gallery_lr:g}, up to {p.gallery_steps} steps): {fixed} of "
+                         f"{len(bad)} fixed.")}
 
 
 def _diagnosis_row(name: str, report: dict[str, Any]) -> dict[str, Any]:

@@ -130,7 +130,7 @@ def _gallery(gal: dict[str, Any], figures: dict[str, bytes]) -> str:
             acc = fix.get("accuracy_change")
             extra = (f'<br><span class=pro>fixed in {fix["steps_to_fix"]} step(s)</span>'
                      if fix["fixed"] else "<br><span class=opp>not fixed</span>")
-            extra += (f'<br><span class=note>tuned on its top {fix["examples"]} proponents'
+            extra += (f'<br><span class=note>tuned on the {fix["examples"]} proponents shown'
                       + ("" if acc is None else f"; test acc. {100 * acc:+.1f}%") + "</span>")
         cells = [f'<td><img alt="query {q["index"]}" src="{data_uri(figures[q["image"]])}">'
                  f'<br>query #{q["index"]}<br>label {q["label"]}, predicted {q["predicted"]}'
