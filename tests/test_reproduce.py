@@ -41,7 +41,7 @@ def test_results_schema(report):
     assert {r["method"] for r in s["correction"]["rows"]} == {"graddot", "random"}
     assert all(0 <= r["fixed"] <= r["targets"] for r in s["correction"]["rows"])
     diag = s["diagnostics"]
-    assert diag["status"] == "done" and len(diag["rows"]) == 1
+    assert diag["status"] == "done" and len(diag["rows"]) == 2  # digits MLP, mnist model
     row = diag["rows"][0]
     assert set(row["verdicts"]) == {"convexity", "stability", "trajectory", "divergence",
                                     "linearity"}

@@ -137,16 +137,15 @@ def project(task: Task, pool: Data, queries: Batch, bases: dict[str, torch.Tenso
             batch_size: int = 64, progress: bool | None = None) -> Projections:
     """One pass of per-example gradients over ``pool`` (loss) and ``queries`` (measurement),
     each projected on every basis ``[r, P]`` of ``bases``."""
-    names = list(bases)
-    stacked = torch.cat([bases[k].to(task.device, torch.float64) for k in names])
+    names = list(bases)  # products in the model's precision (memory: float32 bases of a big
+    stacked = torch.cat([bases[k].to(task.device, task.dtype) for k in names])  # model)
     sizes = [bases[k].shape[0] for k in names]
 
     def coords(data: Data, kind: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         out, norms = [], []
         for g in iter_grads(task, data, batch_size, kind, progress=progress):
-            g = g.to(torch.float64)
-            out.append((g @ stacked.T).cpu())
-            norms.append(g.norm(dim=1).cpu())
+            out.append((g.to(task.dtype) @ stacked.T).double().cpu())
+            norms.append(g.double().norm(dim=1).cpu())
         c = torch.cat(out)
         return dict(zip(names, c.split(sizes, dim=1), strict=True)), torch.cat(norms)
 

@@ -35,7 +35,7 @@ SIZES: dict[str, dict[str, Any]] = {
                "n_removed": 8, "epochs": 2},
     "image": {"rank": 20, "iterations": 40, "curvature_batch": 256, "pool": 512,
               "n_removed": 6, "epochs": 1},
-    "text": {"rank": 20, "iterations": 40, "curvature_batch": 256, "pool": 512,
+    "text": {"rank": 20, "iterations": 30, "curvature_batch": 128, "pool": 512,
              "n_removed": 6, "epochs": 1},
 }
 QUICK_SIZES: dict[str, dict[str, Any]] = {

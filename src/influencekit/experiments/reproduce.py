@@ -89,6 +89,7 @@ class Preset:
         "--lr", "0.01", "--methods", "graddot,ekfac,arnoldi,random,class-random,target")
     diagnose: tuple[str, ...] = ("--quick",)  # arguments of `influencekit diagnose` (digits)
     diagnose_mnist: bool = False  # also diagnose the mnist model (ik.diagnose)
+    diagnose_mnist_sizes: tuple[tuple[str, int], ...] = ()  # ik.diagnose keywords (default sizes)
 
 
 PRESETS = {
@@ -105,7 +106,10 @@ PRESETS = {
                    diagnose=("--hidden", "4", "--n-train", "100", "--n-queries", "6",
                              "--start-epochs", "3", "--rank", "4", "--iterations", "6",
                              "--curvature-batch", "50", "--pool", "50", "--n-removed", "3",
-                             "--epochs", "1")),
+                             "--epochs", "1"),
+                   diagnose_mnist=True,
+                   diagnose_mnist_sizes=(("rank", 4), ("iterations", 6), ("curvature_batch", 40),
+                                         ("pool", 40), ("n_removed", 2))),
     "quick": Preset(None, 100, 40, 50,
                     "exact:curvature=ggn,cg:curvature=ggn:mislabel=False,arnoldi,arnoldi-topk,"
                     "arnoldi-complement,ekfac,trak,graddot,gradcos", "resnet", 4000, 15, 6, 4,
@@ -305,7 +309,8 @@ class Study:
                               weight_decay=m["config"].weight_decay)
             q = tuple(t[:50] for t in m["test"])
             rep = diagnose(m["task"], m["train"], q, config=cfg, store=self.out / "cache" /
-                           "diagnose-mnist", progress=self.progress)
+                           "diagnose-mnist", progress=self.progress,
+                           **dict(self.preset.diagnose_mnist_sizes))
             rep.save(self.out / "diagnose-mnist")
             x, y = m["test"]
             acc = float((m["task"].predict(x) == y).float().mean())
