@@ -39,7 +39,7 @@ from ..curvature.arnoldi import arnoldi
 from ..curvature.spectral import InverseFilter, SpectralFilter
 from ..errors import CurvatureError
 from ..groundtruth.cache import Cache
-from ..groundtruth.metrics import rowwise_spearman
+from ..groundtruth.metrics import mean_spearman
 from ..store import (
     architecture_fingerprint,
     data_fingerprint,
@@ -201,12 +201,6 @@ def topk_jaccard(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     return float(np.mean(out))
 
 
-def mean_spearman_rows(a: torch.Tensor, b: torch.Tensor) -> float:
-    r = rowwise_spearman(a, b)
-    r = r[np.isfinite(r)]
-    return float(r.mean()) if r.size else math.nan
-
-
 class CurvatureProbe:
     """The curvature measurements both curvature sections read (see the module docstring).
 
@@ -291,7 +285,7 @@ def convexity_section(probe: CurvatureProbe) -> Section:
     negativity = max(0.0, -lmin) / max(abs(lmax), 1e-300)
     stationarity = probe.mean_grad / max(float(probe.proj.pool_grad_norms.mean()), 1e-300)
     try:
-        agreement = mean_spearman_rows(probe.scores("hessian"), probe.scores("ggn"))
+        agreement = mean_spearman(probe.scores("hessian"), probe.scores("ggn"))
     except CurvatureError:  # H + δI singular on the kept space
         agreement = math.nan
     g_neg = grade(negativity, 1e-3, 0.05)
@@ -353,7 +347,7 @@ def stability_section(probe: CurvatureProbe, top_k: int = 10) -> Section:
             changes["rank ×2"] = probe.scores(rank=2 * probe.rank)
         changes.update({k: probe.scores(k) for k in probe.variants})
         for name, other in changes.items():
-            moves[name] = {"spearman": mean_spearman_rows(base, other),
+            moves[name] = {"spearman": mean_spearman(base, other),
                            "jaccard": topk_jaccard(base, other, top_k)}
     except CurvatureError as e:  # singular H + δI on the kept space: unusable as is
         moves["singular"] = {"spearman": math.nan, "jaccard": math.nan, "error": str(e)}

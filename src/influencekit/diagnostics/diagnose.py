@@ -7,6 +7,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -86,10 +87,7 @@ def diagnose(
     """
     if not isinstance(task, Task):
         raise InputError(f"task must be an influencekit Task, got {type(task).__name__}.")
-    unknown = set(sections) - set(SECTIONS)
-    if unknown or not sections:
-        raise InputError(f"sections must be a non-empty subset of {SECTIONS}, got "
-                         f"{sorted(unknown) or list(sections)}.")
+    check_sections(sections)
     if config is not None and not isinstance(config, TrainConfig):
         raise InputError(f"config must be a TrainConfig, got {type(config).__name__}.")
     if unrolled not in (True, False, "auto"):
@@ -153,6 +151,14 @@ def diagnose(
     return Diagnosis(ordered, setup)
 
 
+def check_sections(names: Sequence[str]) -> None:
+    """Refuse an empty selection or a name outside :data:`SECTIONS`."""
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown or not names:
+        raise InputError(f"sections must be a non-empty subset of {', '.join(SECTIONS)}; got "
+                         f"{unknown or list(names)}.")
+
+
 def perturbation_grid(n: int, n_removed: int, upweights: Sequence[float] | None,
                       random_groups: Sequence[int] | None, top_groups: Sequence[int] | None
                       ) -> tuple[list[float], list[int], list[int]]:
@@ -172,19 +178,9 @@ def perturbation_grid(n: int, n_removed: int, upweights: Sequence[float] | None,
     return up, rg, tg
 
 
-class _folder:
+def _folder(store: str | os.PathLike[str] | None) -> AbstractContextManager[str]:
     """The given store folder, or a temporary one removed afterwards."""
-
-    def __init__(self, store: str | os.PathLike[str] | None):
-        self.store, self.tmp = store, None
-
-    def __enter__(self) -> str:
-        if self.store is not None:
-            Path(self.store).mkdir(parents=True, exist_ok=True)
-            return str(self.store)
-        self.tmp = tempfile.TemporaryDirectory(prefix="influencekit-diagnose-")
-        return self.tmp.name
-
-    def __exit__(self, *exc: object) -> None:
-        if self.tmp is not None:
-            self.tmp.cleanup()
+    if store is None:
+        return tempfile.TemporaryDirectory(prefix="influencekit-diagnose-")
+    Path(store).mkdir(parents=True, exist_ok=True)
+    return nullcontext(str(store))

@@ -39,7 +39,7 @@ from ..dynamics.twins import record_steps
 from ..dynamics.unrolled import _check_unrollable, bind_task
 from ..errors import InputError
 from ..groundtruth import Cache
-from ..groundtruth.metrics import as_numpy, pearson
+from ..groundtruth.metrics import as_numpy, pearson, spearman
 from ..groundtruth.retrain import measure
 from ..store import data_fingerprint, hash_value, model_fingerprint
 from ..training import TrainConfig, train
@@ -48,13 +48,6 @@ from .verdicts import Section, grade, skipped
 
 UNROLL_BUDGET = 2e9  # tangents × steps × batch × parameters affordable by default
 LINEAR_TOLERANCE = 0.25  # |per-unit ratio − 1| still called linear / additive
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation of two flat arrays (NaN when either is constant)."""
-    from scipy.stats import rankdata
-
-    return pearson(rankdata(a), rankdata(b))
 
 
 def slope(actual: np.ndarray, predicted: np.ndarray) -> float:

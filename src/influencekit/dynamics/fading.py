@@ -22,7 +22,7 @@ from scipy import stats
 
 from .. import validate
 from ..errors import InputError
-from ..groundtruth.metrics import ArrayLike, as_numpy, mean_spearman, pearson
+from ..groundtruth.metrics import ArrayLike, as_numpy, mean_spearman, pearson, spearman
 from .twins import TwinRuns
 
 
@@ -174,11 +174,10 @@ def fading_curve(runs: TwinRuns, scores: ArrayLike) -> FadingCurve:
     pred = predicted_effect(runs, scores)  # [P, Q]
     actual = as_numpy(runs.effect)  # [R, P, Q]
     flat = pred.reshape(-1)
-    rank_pred = stats.rankdata(flat)
     linear, ranked, per_query = [], [], []
     for a in actual:
         linear.append(pearson(flat, a.reshape(-1)))
-        ranked.append(pearson(rank_pred, stats.rankdata(a.reshape(-1))))
+        ranked.append(spearman(flat, a))
         per_query.append(mean_spearman(pred.T, a.T) if pred.shape[0] > 1 else math.nan)
     return FadingCurve(as_numpy(runs.steps), np.array(linear), np.array(ranked),
                        np.array(per_query), effect_magnitude(runs),

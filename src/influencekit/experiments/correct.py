@@ -244,7 +244,7 @@ def gallery(label: str, res: Any, d: ik_data.DataSplits, n: int = 4,
 
 def gallery_png(rows: list[dict[str, Any]], d: ik_data.DataSplits) -> bytes:
     """Each fixed target (first column) beside the training examples that fixed it."""
-    from ..report.figures import png, pyplot
+    from ..report.figures import grey_image, png, pyplot
 
     plt = pyplot()
     cols = 1 + max(len(r["examples"]) for r in rows)
@@ -258,12 +258,7 @@ def gallery_png(rows: list[dict[str, Any]], d: ik_data.DataSplits) -> bytes:
         for ax in ax_row:
             ax.axis("off")
         for ax, (img, title) in zip(ax_row, images, strict=False):
-            img = img.detach().float().cpu()
-            img = img[0] if img.dim() == 3 else img
-            if img.dim() == 1:
-                side = int(img.numel() ** 0.5)
-                img = img.reshape(side, side)
-            ax.imshow(img.numpy(), cmap="gray_r")
+            ax.imshow(grey_image(img), cmap="gray_r")
             ax.set_title(title, fontsize=7)
     fig.suptitle(f"fixed targets and the training examples that fixed them ({rows[0]['method']})",
                  fontsize=9)

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from ..diagnostics import SECTIONS, diagnose
+from ..diagnostics.diagnose import check_sections
 from ..errors import InputError
 from ..task import ClassificationTask
 from . import arguments as arg
@@ -87,18 +87,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
       help="single-removal twin runs" + sized("n_removed"))
     a("--sections", default=",".join(SECTIONS),
       type=arg.checked(lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                       "comma-separated section names", _check_sections),
+                       "comma-separated section names", check_sections),
       help=f"which assumptions to diagnose (comma-separated: {', '.join(SECTIONS)})")
     a("--seed", type=arg.count(0), default=0, help="split, init, subsets and removals")
     a("--quick", action="store_true", help="small sizes (see each flag's default)")
     arg.add_run_options(p, "diagnose", "where the model and the continued runs are stored")
     p.set_defaults(run=run)
-
-
-def _check_sections(names: list[str]) -> None:
-    bad = sorted(set(names) - set(SECTIONS))
-    if bad or not names:
-        raise InputError(f"unknown section(s) {bad or names}: choose from {', '.join(SECTIONS)}.")
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -149,9 +143,3 @@ def run(args: argparse.Namespace) -> int:
             f"({time.perf_counter() - t0:.0f}s in all; diagnosis "
             f"{time.perf_counter() - t1:.0f}s)")
     return 0
-
-
-def summary(folder: str | Path) -> dict[str, Any]:
-    """The verdicts and trust line of a saved diagnosis (for reports)."""
-    data = json.loads((Path(folder) / "diagnosis.json").read_text())
-    return {"trust": data["trust"], "verdicts": data["verdicts"], "setup": data["setup"]}

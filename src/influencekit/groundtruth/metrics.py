@@ -48,6 +48,12 @@ def pearson(a: ArrayLike, b: ArrayLike) -> float:
     return float((a * b).sum() / d) if d > 0 else math.nan
 
 
+def spearman(a: ArrayLike, b: ArrayLike) -> float:
+    """Spearman rank correlation of two flat arrays (ties get average ranks); NaN when either
+    is constant."""
+    return pearson(rankdata(as_numpy(a).ravel()), rankdata(as_numpy(b).ravel()))
+
+
 def _mean(values: np.ndarray) -> float:
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else float("nan")

@@ -62,16 +62,22 @@ def spectrum(values: Sequence[float], title: str) -> bytes:
     return png(fig)
 
 
-def thumbnail(image: torch.Tensor, size: float = 0.9) -> bytes:
-    """A grey-scale image ``[H, W]`` or ``[1, H, W]`` (or a flat square one) as a small PNG."""
-    plt = pyplot()
+def grey_image(image: torch.Tensor) -> Any:
+    """A grey-scale image ``[H, W]``, ``[1, H, W]`` or flat square ``[H·W]`` as an ``[H, W]``
+    numpy array (for ``imshow``)."""
     img = image.detach().float().cpu()
     if img.dim() == 3:
         img = img[0]
     if img.dim() == 1:
         side = int(math.isqrt(img.numel()))
         img = img.reshape(side, side)
+    return img.numpy()
+
+
+def thumbnail(image: torch.Tensor, size: float = 0.9) -> bytes:
+    """A grey-scale image (see :func:`grey_image`) as a small PNG."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(img.numpy(), cmap="gray_r")
+    ax.imshow(grey_image(image), cmap="gray_r")
     ax.axis("off")
     return png(fig)
