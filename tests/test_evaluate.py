@@ -103,3 +103,47 @@ def test_each_model_is_built_for_the_data(model):
     assert d.train[0].dim() == (2 if model in ("mlp", "logreg") else 4)
     assert evaluate._model_builder(args, d)()(d.train[0]).shape == (6, 10)
     assert d.test[0].shape[0] == 3
+
+
+def test_tracin_reads_the_checkpoints_of_the_evaluated_run(tmp_path):
+    """`tracin` sums over θ*'s own training run (checked to end at θ*, also for the model with
+    flipped labels); `tracin:every=0` is θ* alone, i.e. GradDot."""
+    out = tmp_path / "out"
+    argv = TINY + ["--methods", "graddot,tracin,tracin:every=0,tracin:every=2", "--out", str(out),
+                   "--cache-dir", str(tmp_path / "cache"), "--ground-truth", "lds,mislabel"]
+    assert main(argv) == 0
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    for r in rows.values():
+        assert r["error"] is None, r["error"]
+    assert rows["tracin:every=0"]["lds"] == pytest.approx(rows["graddot"]["lds"])
+    assert rows["tracin:every=0"]["mislabel_auc"] == pytest.approx(rows["graddot"]["mislabel_auc"])
+    assert rows["tracin"]["lds"] != pytest.approx(rows["graddot"]["lds"])
+    assert rows["tracin:every=2"]["lds"] != pytest.approx(rows["tracin"]["lds"])
+
+
+def test_trainer_checkpoints_end_at_the_model_or_refuse():
+    from influencekit.training import TrainConfig, train
+
+    torch = pytest.importorskip("torch")
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+
+    def builder():
+        torch.manual_seed(0)
+        return torch.nn.Linear(3, 2)
+
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.1, seed=0)
+    model = train(builder, (x, y), cfg, progress=False).model
+    get = evaluate.trainer_checkpoints(builder, cfg)
+    ckpts = get(1, model, (x, y))
+    assert len(ckpts) == 3 and ckpts.steps == [5, 10, 15]
+    assert all(torch.equal(ckpts.states[-1][k], v) for k, v in model.state_dict().items())
+    assert get(1, model, (x, y)) is ckpts  # kept
+    with pytest.raises(RuntimeError, match="did not end at the evaluated model"):
+        get(1, builder(), (x, y))
+
+
+def test_tracin_every_is_checked(capsys):
+    assert main(TINY + ["--methods", "tracin:every=-1"]) == 2
+    assert "every must be a whole number" in capsys.readouterr().err
+    assert main(TINY + ["--methods", "graddot:every=2"]) == 2
+    assert "only for tracin" in capsys.readouterr().err

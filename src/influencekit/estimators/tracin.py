@@ -14,6 +14,7 @@ Checkpoints are never loaded into the user's model: a private copy is used.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -40,7 +41,8 @@ CheckpointLike = nn.Module | Mapping[str, Any] | str | os.PathLike
 PROJECTIONS = ("rademacher", "gaussian", "none")
 UNITS = ("epoch", "step")
 _BLOCK_ROWS = 4096  # parameters per generated projection block (fixed: part of the matrix)
-_CACHE_BYTES = 256 * 2**20  # keep the whole projection in memory up to this size
+_CACHE_BYTES = 2**30  # keep the whole projection in memory up to this size (one, shared)
+_PROJECTION_VERSION = 2  # how the matrix is generated (part of stored features' settings)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -248,17 +250,26 @@ def resolve_checkpoints(task: Task, checkpoints: Any, arg: str = "checkpoints"
 
 
 # --------------------------------------------------------------------------- projections
+@functools.lru_cache(maxsize=1)
+def _held_matrix(num_params: int, dim: int, kind: str, seed: int, dtype: torch.dtype
+                 ) -> torch.Tensor:
+    """The whole matrix of one projection, kept while it is the latest asked for (so that
+    every member of an ensemble, every checkpoint and every estimator with the same seed
+    shares one copy)."""
+    proj = RandomProjection(num_params, dim, kind, seed, dtype)
+    return torch.cat([blk for _, blk in proj.blocks()])
+
+
 class RandomProjection:
     """A seeded ``P × k`` random matrix (Rademacher ``±1/√k`` or Gaussian ``N(0, 1/k)``), so
     that ``⟨Rᵀa, Rᵀb⟩ ≈ ⟨a, b⟩``. It is generated in blocks of 4,096 rows, each from its own
-    seeded generator, and held whole only when it takes at most 256 MiB; otherwise each
-    product regenerates it block by block (memory ``O(4096 · k)``)."""
+    seeded generator, and held whole (one copy per process, shared) when it takes at most
+    1 GiB; otherwise each product regenerates it block by block (memory ``O(4096 · k)``)."""
 
     def __init__(self, num_params: int, dim: int, kind: str, seed: int,
                  dtype: torch.dtype = torch.float32):
         self.num_params, self.dim, self.kind, self.seed = num_params, dim, kind, seed
         self.dtype = dtype
-        self._matrix: torch.Tensor | None = None
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.cached = num_params * dim * itemsize <= _CACHE_BYTES
 
@@ -267,11 +278,11 @@ class RandomProjection:
         rows = min(_BLOCK_ROWS, self.num_params - b * _BLOCK_ROWS)
         key = hashlib.sha256(f"influencekit-projection:{self.seed}:{b}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        scale = 1.0 / math.sqrt(self.dim)
         if self.kind == "gaussian":
-            m = torch.randn(rows, self.dim, generator=gen, dtype=torch.float64)
-        else:
-            m = torch.randint(0, 2, (rows, self.dim), generator=gen).to(torch.float64) * 2 - 1
-        return (m / math.sqrt(self.dim)).to(self.dtype)
+            return torch.randn(rows, self.dim, generator=gen, dtype=self.dtype).mul_(scale)
+        m = torch.empty(rows, self.dim, dtype=self.dtype).bernoulli_(0.5, generator=gen)
+        return m.mul_(2 * scale).sub_(scale)
 
     def blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
         for b in range(math.ceil(self.num_params / _BLOCK_ROWS)):
@@ -280,12 +291,9 @@ class RandomProjection:
 
     def matrix(self) -> torch.Tensor:
         """The whole ``[P, k]`` matrix (for small models and tests)."""
-        if self._matrix is not None:
-            return self._matrix
-        m = torch.cat([blk for _, blk in self.blocks()])
         if self.cached:
-            self._matrix = m
-        return m
+            return _held_matrix(self.num_params, self.dim, self.kind, self.seed, self.dtype)
+        return torch.cat([blk for _, blk in self.blocks()])
 
     def __call__(self, g: torch.Tensor) -> torch.Tensor:
         """``g [B, P] ↦ g R [B, k]``."""
@@ -360,7 +368,8 @@ class CheckpointEstimator(Estimator):
 
     def _base_settings(self) -> dict[str, Any]:
         return {"projection": self.projection, "projection_dim": self.projection_dim,
-                "seed": self.seed, "states": self.num_states, "params": self.task.param_names,
+                "seed": self.seed, "projection_version": _PROJECTION_VERSION,
+                "states": self.num_states, "params": self.task.param_names,
                 "dtype": str(self.task.dtype)}
 
 

@@ -18,7 +18,10 @@ Correlations are Spearman per query, averaged over queries. Weight decay wd ente
 
 Methods are names from influencekit.estimators.METHODS, optionally with options passed to the
 estimator: "cg:curvature=ggn:max_iter=50" (the label in the table is the whole spec); the
-option "mislabel=False" skips that method's self-influence run. The first "exact" spec listed
+option "mislabel=False" skips that method's self-influence run. "tracin" sums over checkpoints of
+θ*'s own training run, kept every epoch ("tracin:every=5": every 5 epochs; "tracin:every=0": θ*
+alone with η = 1, which is GradDot); the run is repeated with the deterministic trainer and
+checked to end bit for bit at θ*. The first "exact" spec listed
 is the reference of the "Spearman vs exact" column. Models and datasets come from the registries
 influencekit.models.BUILDERS and influencekit.data.LOADERS. Unknown names and bad values are
 refused before anything is trained.
@@ -46,6 +49,7 @@ from .. import data as ik_data
 from .. import models as ik_models
 from ..errors import InfluenceError, InputError
 from ..estimators import METHODS
+from ..estimators.tracin import Checkpoints, TracIn
 from ..groundtruth import (
     Cache,
     Retrainer,
@@ -56,13 +60,15 @@ from ..groundtruth import (
     with_epochs,
 )
 from ..store import atomic_write_text
-from ..task import ClassificationTask
-from ..training import TrainConfig
+from ..task import ClassificationTask, Task
+from ..training import TrainConfig, train
 from . import arguments as arg
 from .benchmark import GroundTruth, MethodResult, describe_error, evaluate_method
 from .benchmark import summary as row_summary
 
-DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"lissa": {"depth": 200}}
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"lissa": {"depth": 200}, "tracin": {"every": 1}}
+# options read by evaluate itself, not passed to the estimator
+OWN_OPTIONS = {"mislabel": None, "every": "tracin"}
 # the registries' entries that take tensors (text needs a tokenising experiment of its own)
 DATASETS = [name for name in ik_data.LOADERS if ik_data.INPUTS[name] != "text"]
 MODELS = [name for name in ik_models.BUILDERS if ik_models.INPUTS[name] != "text"]
@@ -224,7 +230,14 @@ def parse_methods(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
 def _check_options(item: str, name: str, options: dict[str, Any]) -> None:
     """Build the estimator on a tiny stand-in model, so that its own checks refuse unknown
     options and bad values now, before anything is trained."""
-    kw = {k: v for k, v in options.items() if k != "mislabel"}
+    for key, only in OWN_OPTIONS.items():
+        if key in options and only not in (None, name):
+            raise InputError(f"method spec {item!r}: option {key!r} is only for {only}.")
+    every = options.get("every", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise InputError(f"method spec {item!r}: every must be a whole number of epochs ≥ 0 "
+                         f"(0: θ* alone), got {every!r}.")
+    kw = {k: v for k, v in options.items() if k not in OWN_OPTIONS}
     try:
         METHODS[name](ClassificationTask(nn.Linear(2, 2)), **kw)
     except (InfluenceError, TypeError) as e:
@@ -328,11 +341,37 @@ def build_ground_truth(args: argparse.Namespace, d: ik_data.DataSplits,
     return gt, model, info
 
 
+def trainer_checkpoints(builder: Callable[[], nn.Module], cfg: TrainConfig
+                        ) -> Callable[[int, nn.Module, Any], Checkpoints]:
+    """``(every, model, train) -> Checkpoints``: the run that trained ``model`` on ``train``
+    (θ*, or the model with flipped labels) repeated with a TracIn collector, checked to end
+    bit for bit at ``model``; kept for reuse."""
+    kept: dict[tuple[int, int], Checkpoints] = {}
+
+    def get(every: int, model: nn.Module, train_data: Any) -> Checkpoints:
+        key = (every, id(model))
+        if key not in kept:
+            ckpts = TracIn.collector(every, "epoch")
+            end = train(builder, train_data, cfg, callback=ckpts, progress=False).model
+            ours, theirs = model.state_dict(), end.state_dict()
+            if any(not torch.equal(ours[k], theirs[k].to(ours[k].device)) for k in ours):
+                raise RuntimeError("the repeated training run did not end at the evaluated "
+                                   "model, so its checkpoints are not that run's "
+                                   "(non-deterministic kernels?); use tracin:every=0.")
+            kept[key] = ckpts
+        return kept[key]
+
+    return get
+
+
 def run_methods(methods: list[tuple[str, str, dict[str, Any]]], task: ClassificationTask,
-                gt: GroundTruth, damping: float, progress: bool | None
+                gt: GroundTruth, damping: float, progress: bool | None,
+                checkpoints: Callable[[int, nn.Module, Any], Checkpoints] | None = None
                 ) -> tuple[list[MethodResult], str | None]:
     """Evaluate each method; the "exact" specs run first, the first that works is the
-    reference. Returns the results and the reference's label."""
+    reference. ``checkpoints(every, model, train)`` gives TracIn the checkpoints of the run
+    that trained ``model`` (θ*, or the model with flipped labels). Returns
+    the results and the reference's label."""
     order = sorted(methods, key=lambda m: m[1] != "exact")
     results: list[MethodResult] = []
     reference: torch.Tensor | None = None
@@ -341,9 +380,19 @@ def run_methods(methods: list[tuple[str, str, dict[str, Any]]], task: Classifica
         cls = METHODS[name]
         kw = {"damping": damping, "progress": progress, **options}
         mislabel = bool(kw.pop("mislabel", True))
+        every = kw.pop("every", 0)
+        if every and checkpoints is None:
+            raise InputError(f"method {label}: no training run to take checkpoints from.")
+
+        def make(t: Task, cls: Any = cls, kw: dict = kw, every: int = every) -> Any:
+            if not every:
+                return cls(t, **kw)
+            data = gt.noisy_train if t is gt.noisy_task else gt.train
+            return cls(t, checkpoints=checkpoints(every, t.model, data), **kw)
+
         _log(f"method {label}: running")
         try:
-            res = evaluate_method(label, lambda t, cls=cls, kw=kw: cls(t, **kw), task, gt,
+            res = evaluate_method(label, make, task, gt,
                                   reference, mislabel=mislabel)
         except Exception as e:  # noqa: BLE001 - a failing method is a result, not a crash
             res = MethodResult(label, error=describe_error(e))
@@ -418,7 +467,8 @@ def run(args: argparse.Namespace) -> int:
     cache = Cache(None if args.no_cache else Path(args.cache_dir) / "evaluate")
     gt, model, info = build_ground_truth(args, d, builder, cfg, cache, damping, which,
                                          progress)
-    results, reference = run_methods(methods, ClassificationTask(model), gt, damping, progress)
+    results, reference = run_methods(methods, ClassificationTask(model), gt, damping, progress,
+                                     trainer_checkpoints(builder, cfg))
     rows = [row_summary(r) for r in results]
     report = {
         "command": arg.command_line("evaluate", args),
