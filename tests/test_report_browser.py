@@ -51,9 +51,12 @@ def test_report_renders_without_errors(tiny_report, tmp_path):
         images = page.eval_on_selector_all(
             "img", "els => els.map(e => [e.alt, e.complete && e.naturalWidth > 0])")
         headings = page.eval_on_selector_all("h2", "els => els.map(e => e.textContent)")
+        runs = page.eval_on_selector_all("h3", "els => els.map(e => e.textContent)")
         page.screenshot(path=str(tmp_path / "report.png"), full_page=False)
         browser.close()
     assert not errors, errors
     assert images and all(ok for _, ok in images), [alt for alt, ok in images if not ok]
     assert {"Models", "Influence gallery", "Parameter divergence",
             "Five-assumption diagnostics"} <= set(headings)
+    # a sub-heading per model in each of the four per-model sections
+    assert sum(h.startswith("CNN on mnist") for h in runs) == 4, runs

@@ -1,32 +1,67 @@
 """``influencekit reproduce``: the paper's study end to end, as a browsable report.
 
-Stages (each cached under ``OUT/stages``, keyed by the preset's settings and the influencekit
-version, and skipped when rerun, so an interrupted run picks up where it stopped and a finished one
-only rebuilds the report; delete ``OUT/stages/NAME.json`` to recompute one stage):
+Stages (each cached under ``OUT/stages``, keyed by its settings and the influencekit version, and
+skipped when rerun, so an interrupted run picks up at the stage -- or the run -- where it stopped
+and a finished one only rebuilds the report; delete ``OUT/stages/NAME.json`` to recompute one):
 
   models       train the built-in image model on mnist; report its test accuracy
   estimators   ``influencekit evaluate`` on the digits MLP: every estimator against
                leave-one-out and LDS ground truth, with its cost
   spectrum     both ends of the curvature spectrum of the mnist model (Arnoldi Ritz values)
   gallery      test queries (correct and mis-predicted) with their top proponents/opponents
-  dynamics     ``influencekit dynamics`` on the digits MLP: twin runs from a trained start
-               point, parameter divergence against a data-order control, influence fading
-               and the horizon per estimator (the "divergence" and "fading" sections)
-  correction   ``influencekit correct`` on a weakly trained digits MLP: every mis-predicted test
-               example fine-tuned on its influential training examples, against random,
-               class-random and target-only selection (fix rate, steps, collateral damage)
-  diagnostics  ``influencekit diagnose`` on the digits MLP (and, in the paper preset,
-               ``ik.diagnose`` on the mnist model): which of the paper's five assumptions
-               hold, each with its verdict, the number behind it and a recommendation
+  dynamics-DATA-MODEL     one stage per dynamics run: ``influencekit dynamics``, twin runs
+               from a trained start point, parameter divergence against a data-order control,
+               influence fading and the horizon per estimator ("divergence" and "fading")
+  correction-DATA-MODEL   one stage per correction run: ``influencekit correct`` on a briefly
+               trained model: every mis-predicted query fine-tuned on its influential training
+               examples, against random, class-random and target-only selection (fix rate,
+               steps, collateral damage)
+  diagnostics-DATA-MODEL  one stage per diagnosed model: ``influencekit diagnose``, which of the
+               paper's five assumptions hold, each with its verdict, the number behind it and a
+               recommendation (the model is the dynamics run's start point for the same flags)
 
-Writes ``OUT/results.json`` (schema below, ``schema_version`` 1) and ``OUT/index.html``
-(self-contained: figures inline). Presets: ``quick`` (a few minutes on 2 CPU cores), ``paper``
-(the full sizes), ``tiny`` (seconds; for tests).
+Presets (the runs of the last three stages; CPU times measured on the shared 2-core machine,
+one torch thread, are in benchmarks/RESULTS.md):
 
-results.json: ``{"schema_version", "title", "preset", "settings", "total_seconds",
-"sections": {"environment", "models", "estimators", "spectrum", "gallery", "divergence",
-"fading", "correction", "diagnostics"}}``; each section has ``"status"`` (``"done"`` or
-``"pending"`` with a ``"reason"``) and, when done, ``"seconds"`` and its numbers.
+  quick   (under 10 minutes on 2 CPU cores) every study on the digits MLP; the mnist ResNet
+          in models, spectrum and gallery
+  paper   (about 80 minutes on 2 CPU cores) the full estimator table, and dynamics, correction
+          and diagnostics on each built-in default: the MLP on digits (full sizes), the ResNet
+          on mnist and MiniLM-BERT (last layer + head) on rotten_tomatoes (``--quick`` sizes of
+          ``dynamics`` and ``diagnose``, which share their start point; correction on a briefly
+          trained model, fewer queries and budgets than benchmarks/RESULTS.md's tables)
+  tiny    (seconds; for tests) the digits MLP and a CNN on mnist at minuscule sizes
+
+Writes ``OUT/results.json`` and ``OUT/index.html`` (self-contained: figures inline), and each
+run's own outputs under ``OUT/COMMAND/DATA-MODEL``.
+
+results.json (``schema_version`` 2)::
+
+  {"schema_version": 2, "title", "preset", "settings" (the preset), "total_seconds",
+   "sections": {
+     "environment": {"status", "influencekit", "torch", "numpy", "python", "platform",
+                     "device", "threads", "seeds"},
+     "models":      {"status", "seconds", "rows": [{"name", "dataset", "params", "n_train",
+                     "test_accuracy", "accuracy_on", ...}]},
+     "estimators":  {"status", "seconds", "rows": [{"method", "lds", ...}], "columns",
+                     "command", "model", "setup"},
+     "spectrum":    {"status", "seconds", "ritz_values", "largest", "most_negative",
+                     "negative_fraction", "note"},
+     "gallery":     {"status", "seconds", "queries": [...], "estimator", "note", ...},
+     "divergence":  {"status", "seconds", "runs": [RUN + {"growth_rate", "n_removed"}]},
+     "fading":      {"status", "seconds", "runs": [RUN + {"horizon", "curves"}]},
+     "correction":  {"status", "seconds", "summary", "runs": [RUN + {"params", "rows",
+                     "gallery"}]},
+     "diagnostics": {"status", "seconds", "summary", "runs": [RUN + {"trust", "overall",
+                     "verdicts", "sections"}]}}}
+
+  RUN = {"status" ("done" | "failed" with a "reason"), "model", "dataset", "title",
+         "test_accuracy" (of the model the run studies, on "n_test" test examples),
+         "command", "summary", "figures" ({kind: figure name}), "seconds"}
+
+A section's ``"status"`` is ``"done"`` (with ``"seconds"``: the sum over its runs), ``"failed"``
+(every run failed) or ``"pending"`` (with a ``"reason"``). In "correction", a run's "gallery" lists
+fixed targets with the training examples that fixed them (for text data with their "text").
 """
 
 from __future__ import annotations
@@ -34,6 +69,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -57,15 +93,40 @@ from ..task import ClassificationTask
 from ..training import TrainConfig, train
 from .arguments import count, folder
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SECTIONS = ("environment", "models", "estimators", "spectrum", "gallery", "divergence",
             "fading", "correction", "diagnostics")
 PENDING: dict[str, str] = {}  # section -> why it is not computed yet
 
 
+# the command each per-run stage runs, and the results file it writes
+STUDIES = {"dynamics": ("dynamics", "results.json"), "correction": ("correct", "results.json"),
+           "diagnostics": ("diagnose", "diagnosis.json")}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of an experiment command in the study: a built-in model on a built-in dataset,
+    with the command's other arguments (sizes)."""
+
+    dataset: str
+    model: str
+    args: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-{self.model}"
+
+
+# the digits MLP trained briefly (2 epochs), so that it mis-predicts enough test examples
+WEAK_DIGITS = ("--epochs", "2", "--train-lr", "0.05", "--examples", "4,16", "--steps", "10",
+               "--lr", "0.01", "--methods", "graddot,ekfac,arnoldi,random,class-random,target")
+
+
 @dataclass(frozen=True)
 class Preset:
-    """Sizes of one study."""
+    """Sizes of one study: the digits/mnist stages' sizes, and the list of runs of each of the
+    dynamics, correction and diagnostics stages (one cached stage per run)."""
 
     digits_n_train: int | None  # None: the whole split (1,438)
     n_queries: int
@@ -83,42 +144,93 @@ class Preset:
     gallery_steps: int = 20  # mis-predicted gallery queries: fine-tune on the shown top
     gallery_lr: float = 0.005  # proponents for up to this many steps (SGD at this lr)
     digits_hidden: str = "32"
-    dynamics: tuple[str, ...] = ("--quick",)  # arguments of `influencekit dynamics`
-    correct: tuple[str, ...] = (  # arguments of `influencekit correct` (a weak digits MLP)
-        "--epochs", "2", "--train-lr", "0.05", "--examples", "4,16", "--steps", "10",
-        "--lr", "0.01", "--methods", "graddot,ekfac,arnoldi,random,class-random,target")
-    diagnose: tuple[str, ...] = ("--quick",)  # arguments of `influencekit diagnose` (digits)
-    diagnose_mnist: bool = False  # also diagnose the mnist model (ik.diagnose)
-    diagnose_mnist_sizes: tuple[tuple[str, int], ...] = ()  # ik.diagnose keywords (default sizes)
+    dynamics: tuple[Run, ...] = (Run("digits", "mlp", ("--quick",)),)  # `influencekit dynamics`
+    correction: tuple[Run, ...] = (Run("digits", "mlp", WEAK_DIGITS),)  # `influencekit correct`
+    diagnostics: tuple[Run, ...] = (Run("digits", "mlp", ("--quick",)),)  # `influencekit diagnose`
+
+    def __post_init__(self) -> None:
+        for stage in STUDIES:
+            names = [run.name for run in getattr(self, stage)]
+            if len(set(names)) != len(names):  # one stage, folder and figure set per run
+                raise ValueError(f"{stage}: one run per dataset and model, got {names}")
 
 
+# the tiny preset's second model: a CNN on 64 mnist examples, one epoch (seconds)
+TINY_CNN = ("--n-train", "64", "--n-queries", "6", "--start-epochs", "1", "--batch-size", "32")
 PRESETS = {
     "tiny": Preset(150, 6, 4, 4, "exact:curvature=ggn,arnoldi:rank=5:iterations=10,graddot",
                    "cnn", 150, 1, 2, 3, 8, arnoldi_rank=4, arnoldi_iterations=8,
                    digits_hidden="4",
-                   dynamics=("--hidden", "4", "--n-train", "100", "--n-queries", "6",
-                             "--n-removed", "4", "--start-epochs", "3", "--epochs", "2",
-                             "--record-every", "2", "--control-seeds", "1",
-                             "--methods", "graddot,unrolled,same-time"),
-                   correct=("--hidden", "4", "--n-train", "150", "--n-queries", "30",
-                            "--epochs", "2", "--train-lr", "0.05", "--examples", "4",
-                            "--steps", "3", "--methods", "graddot,random"),
-                   diagnose=("--hidden", "4", "--n-train", "100", "--n-queries", "6",
-                             "--start-epochs", "3", "--rank", "4", "--iterations", "6",
-                             "--curvature-batch", "50", "--pool", "50", "--n-removed", "3",
-                             "--epochs", "1"),
-                   diagnose_mnist=True,
-                   diagnose_mnist_sizes=(("rank", 4), ("iterations", 6), ("curvature_batch", 40),
-                                         ("pool", 40), ("n_removed", 2))),
+                   dynamics=(
+                       Run("digits", "mlp", (
+                           "--hidden", "4", "--n-train", "100", "--n-queries", "6",
+                           "--n-removed", "4", "--start-epochs", "3", "--epochs", "2",
+                           "--record-every", "2", "--control-seeds", "1",
+                           "--methods", "graddot,unrolled,same-time")),
+                       Run("mnist", "cnn", (*TINY_CNN, "--n-removed", "2", "--epochs", "1",
+                                            "--record-every", "1", "--control-seeds", "1",
+                                            "--methods", "graddot,same-time"))),
+                   correction=(
+                       Run("digits", "mlp", (
+                           "--hidden", "4", "--n-train", "150", "--n-queries", "30",
+                           "--epochs", "2", "--train-lr", "0.05", "--examples", "4",
+                           "--steps", "3", "--methods", "graddot,random")),
+                       Run("mnist", "cnn", ("--n-train", "64", "--n-queries", "8",
+                                            "--epochs", "1", "--examples", "2", "--steps", "2",
+                                            "--methods", "graddot,target"))),
+                   diagnostics=(
+                       Run("digits", "mlp", (
+                           "--hidden", "4", "--n-train", "100", "--n-queries", "6",
+                           "--start-epochs", "3", "--rank", "4", "--iterations", "6",
+                           "--curvature-batch", "50", "--pool", "50", "--n-removed", "3",
+                           "--epochs", "1")),
+                       Run("mnist", "cnn", (*TINY_CNN, "--rank", "4", "--iterations", "6",
+                                            "--curvature-batch", "40", "--pool", "40",
+                                            "--n-removed", "2", "--epochs", "1")))),
     "quick": Preset(None, 100, 40, 50,
                     "exact:curvature=ggn,cg:curvature=ggn:mislabel=False,arnoldi,arnoldi-topk,"
                     "arnoldi-complement,ekfac,trak,graddot,gradcos", "resnet", 4000, 15, 6, 4,
                     100),
+    # wall minutes per run in the comments: one torch thread on the shared 2-core machine at
+    # load 4-7 (benchmarks/RESULTS.md, or measured where said), so upper bounds; the models,
+    # estimators, spectrum and gallery stages ≈ 8 min
     "paper": Preset(None, 100, 40, 50,
                     "exact:curvature=ggn,exact,cg:curvature=ggn:mislabel=False,lissa:curvature=ggn,arnoldi,"
                     "arnoldi-topk,arnoldi-complement,graddot,gradcos", "resnet", 4000, 20, 8, 5,
-                    200, dynamics=(), diagnose=(), diagnose_mnist=True),
+                    200,
+                    dynamics=(
+                        Run("digits", "mlp"),  # full sizes: < 1 min
+                        # 12 start epochs, 1 continued epoch, 10 twins: ≈ 11 min (start 5.5)
+                        Run("mnist", "resnet", ("--quick",)),
+                        # 2,048 examples, 6 start epochs, 2 continued, 10 twins: ≈ 13 min, and
+                        # ≈ 3 min the first time (frozen MiniLM features)
+                        Run("rotten_tomatoes", "bert", ("--quick",))),
+                    correction=(
+                        Run("digits", "mlp", WEAK_DIGITS),  # < 1 min
+                        # 3 epochs (test accuracy 0.948), 20 targets among 300 queries:
+                        # measured 7.3 min (4.2 min CPU; ABIF fit and scoring 3.5 min)
+                        Run("mnist", "resnet", (
+                            "--epochs", "3", "--n-queries", "300", "--examples", "4,16",
+                            "--steps", "10", "--methods",
+                            "arnoldi,graddot,random,class-random,target")),
+                        # 2,048 examples, 6 epochs (test accuracy 0.758), 17 targets among 60
+                        # queries; one Hessian-Arnoldi pass instead of the GGN's two: measured
+                        # 9.0 min (6.5 min CPU, 3.1 GB)
+                        Run("rotten_tomatoes", "bert", (
+                            "--n-train", "2048", "--epochs", "6", "--n-queries", "60",
+                            "--examples", "4,16", "--steps", "10", "--methods",
+                            "graddot:query_chunk=64,arnoldi:curvature=hessian:iterations=30:"
+                            "rank=15:query_chunk=64,random,class-random,target"))),
+                    diagnostics=(
+                        Run("digits", "mlp"),  # full sizes, the full dynamics' start point: 6 s
+                        # default probe on the --quick dynamics' start point: ≈ 10 min, 3 GB
+                        Run("mnist", "resnet", ("--start-epochs", "12")),
+                        # --quick probe on the --quick dynamics' start point: measured 8.8 min
+                        # (7 min CPU, 4.4 GB; 3.5 min more if the start point is not cached)
+                        Run("rotten_tomatoes", "bert", ("--quick",)))),
 }
+MODEL_NAMES = {"mlp": "MLP", "logreg": "logistic regression", "cnn": "CNN", "resnet": "ResNet",
+               "bert": "MiniLM-BERT"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -128,7 +240,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                    help="study size (default: quick)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="device for the mnist stages (default: cpu)")
+                   help="device of the models, spectrum and gallery stages (default: cpu; "
+                        "the dynamics, correction and diagnostics runs use the CPU)")
     p.add_argument("--out", type=folder, default=Path("runs/reproduce"),
                    help="output folder (default: runs/reproduce)")
     p.add_argument("--threads", type=count(1), default=None,
@@ -152,25 +265,61 @@ class Study:
         self.device = torch.device(device)
         self.progress = progress
         self.cache = Cache(out / "cache")
-        self.key = hash_value(asdict(self.preset), __version__)[:16]
+        # the per-run stages are keyed by their run; the others by the rest of the preset
+        self.key = hash_value({k: v for k, v in asdict(self.preset).items()
+                               if k not in STUDIES}, __version__)[:16]
+        self.failed: list[str] = []  # the runs that failed
         self._mnist: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ caching
-    def stage(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def stage(self, name: str, compute: Callable[[], dict[str, Any]], key: str | None = None
+              ) -> dict[str, Any]:
+        """``compute()``, or its cached result when ``key`` (default: the preset's) matches."""
+        key = key or self.key
         path = self.out / "stages" / f"{name}.json"
         if path.is_file():
             cached = json.loads(path.read_text())
-            if cached.get("key") == self.key:
+            if cached.get("key") == key:
                 _log(f"[{name}] cached")
                 return cached["result"]
         _log(f"[{name}] running")
         t0 = time.perf_counter()
         result = {"status": "done", **compute()}
         result["seconds"] = time.perf_counter() - t0
-        atomic_write_text(json.dumps({"key": self.key, "result": result}, default=float),
-                          path)
+        atomic_write_text(json.dumps({"key": key, "result": result}, default=float), path)
         _log(f"[{name}] done in {result['seconds']:.0f} s")
         return result
+
+    def runs(self, stage: str) -> list[dict[str, Any]]:
+        """Each of the preset's runs of ``stage`` as its own cached stage ``STAGE-DATA-MODEL``
+        (keyed by the run itself, so a changed run recomputes only that run): the command's
+        results summarised by ``self.<stage>_run``. A run that fails is reported as failed (and
+        not cached: a rerun retries it); the other runs go on."""
+        command, results = STUDIES[stage]
+        summarise = getattr(self, f"{stage}_run")
+        entries = []
+        for spec in getattr(self.preset, stage):
+            head = {"model": spec.model, "dataset": spec.dataset}
+
+            def compute(spec: Run = spec) -> dict[str, Any]:
+                # a fresh output folder: no figure of an earlier run is taken for this one's
+                # (what a rerun resumes from lives in the cache folder)
+                shutil.rmtree(self.out / command / spec.name, ignore_errors=True)
+                out, report = self.run_command(
+                    command, ["--dataset", spec.dataset, "--model", spec.model, *spec.args],
+                    f"{command}/{spec.name}", results)
+                return {"model": spec.model, "dataset": spec.dataset,
+                        **summarise(spec, out, report)}
+
+            try:
+                entries.append(self.stage(f"{stage}-{spec.name}", compute,
+                                          hash_value(command, asdict(spec), __version__)[:16]))
+            except Exception as e:  # noqa: BLE001 -- reported, the study goes on
+                _log(f"[{stage}-{spec.name}] failed: {type(e).__name__}: {e}")
+                self.failed.append(f"{stage}-{spec.name}")
+                entries.append({"status": "failed", **head, "title": _title(spec),
+                                "reason": f"{type(e).__name__}: {e}"})
+        return entries
 
     def save_figure(self, name: str, png: bytes) -> str:
         atomic_write(self.out / "figures" / f"{name}.png", png)
@@ -211,18 +360,21 @@ class Study:
                           "test_accuracy": acc, "epochs": m["config"].epochs,
                           "accuracy_on": f"{len(y)} test examples"}]}
 
-    def run_command(self, name: str, *args: str, results: str = "results.json"
-                    ) -> tuple[Path, dict[str, Any]]:
-        """``influencekit NAME ARGS --out OUT/NAME --cache-dir OUT/cache``: its folder and its
-        ``results`` file."""
+    def run_command(self, command: str, args: list[str], folder: str,
+                    results: str = "results.json") -> tuple[Path, dict[str, Any]]:
+        """``influencekit COMMAND ARGS --out OUT/FOLDER --cache-dir OUT/cache``: its folder and
+        its ``results`` file."""
         from ..cli import main
 
-        out = self.out / name
-        argv = [name, *args, "--out", str(out), "--cache-dir", str(self.out / "cache")]
+        out = self.out / folder
+        argv = [command, *args, "--out", str(out), "--cache-dir", str(self.out / "cache")]
         if self.progress is False:
             argv.append("--no-progress")
-        if main(argv) != 0:
-            raise RuntimeError(f"influencekit {name} failed; see the messages above.")
+        status = main(argv)
+        if status == 130:  # interrupted: stop the study (a rerun resumes here)
+            raise KeyboardInterrupt
+        if status != 0:
+            raise RuntimeError(f"influencekit {command} failed; see the messages above.")
         return out, json.loads((out / results).read_text())
 
     def estimators(self) -> dict[str, Any]:
@@ -233,7 +385,7 @@ class Study:
                 "--hidden", p.digits_hidden]
         if p.digits_n_train:
             args += ["--n-train", str(p.digits_n_train)]
-        _, report = self.run_command("evaluate", *args)
+        _, report = self.run_command("evaluate", args, "evaluate")
         from .evaluate import COLUMNS
 
         self.save_figure("quality_vs_cost", figs.quality_vs_cost(report["results"]))
@@ -249,31 +401,58 @@ class Study:
                       "flipped labels. Correlations are Spearman per query, averaged."),
         }
 
-    def dynamics(self) -> dict[str, Any]:
-        out, report = self.run_command("dynamics", "--dataset", "digits", "--model", "mlp",
-                                       *self.preset.dynamics)
-        for name, png in (("divergence", "divergence.png"), ("fading", "correlation.png"),
-                          ("fading_magnitude", "magnitude.png")):
-            if (out / png).is_file():
-                self.save_figure(name, (out / png).read_bytes())
-        g = report["growth_rate"]
-        return {"growth_rate": g, "horizon": report["horizon"], "command": report["command"],
-                "fading": report["fading"], "n_removed": len(report["removed"])}
+    def figures(self, spec: Run, out: Path, files: dict[str, str]) -> dict[str, str]:
+        """Copy the run's figures (kind → file in ``out``, where present) into the report as
+        ``KIND-DATA-MODEL``: kind → figure name."""
+        return {kind: self.save_figure(f"{kind}-{spec.name}", (out / f).read_bytes())
+                for kind, f in files.items() if (out / f).is_file()}
 
-    def correction(self) -> dict[str, Any]:
-        out, report = self.run_command("correct", "--dataset", "digits", "--model", "mlp",
-                                       *self.preset.correct)
-        self.save_figure("correction", (out / "fix_rate.png").read_bytes())
+    def dynamics_run(self, spec: Run, out: Path, report: dict[str, Any]) -> dict[str, Any]:
+        """One ``influencekit dynamics`` run: growth rate, fading curves, horizons."""
+        acc = report["start_accuracy"]
+        return {"title": _title(spec, acc["test"]), "test_accuracy": acc["test"],
+                "train_accuracy": acc["train"], "n_test": acc["n_test"],
+                "n_train": report["n_train"], "n_queries": report["n_queries"],
+                "command": report["command"], "growth_rate": report["growth_rate"],
+                "horizon": report["horizon"], "fading": report["fading"],
+                "n_removed": len(report["removed"]),
+                "figures": self.figures(spec, out, {"divergence": "divergence.png",
+                                                    "fading": "correlation.png",
+                                                    "fading_magnitude": "magnitude.png"})}
+
+    def correction_run(self, spec: Run, out: Path, report: dict[str, Any]) -> dict[str, Any]:
+        """One ``influencekit correct`` run: the fix-rate table, its figure and gallery."""
         rows = report["results"]
         n = rows[0]["targets"] if rows else 0
-        return {"rows": rows, "command": report["command"],
-                "test_accuracy": report["test_accuracy"], "params": report["params"],
-                "summary": (f"Digits MLP ({report['params']} parameters) trained briefly to test "
-                            f"accuracy {report['test_accuracy']:.3f}: each of its {n} "
-                            "mis-predicted test examples is fine-tuned on m selected training "
-                            "examples (SGD, full batch) until it is predicted right. Fix rate "
-                            "with a 95% Wilson interval, median steps to fix, and the change "
-                            "of accuracy on the rest of the test set (collateral damage).")}
+        gallery = report.get("gallery", [])
+        if gallery and ik_data.INPUTS.get(spec.dataset) == "text":
+            gallery = _with_texts(gallery, spec.dataset, report["settings"])
+        acc = report["test_accuracy"]
+        return {"title": _title(spec, acc), "test_accuracy": acc,
+                "n_test": report.get("n_test"), "params": report["params"],
+                "n_train": report["n_train"], "n_queries": report["n_queries"],
+                "epochs": report["train_config"]["epochs"], "rows": rows,
+                "command": report["command"], "gallery": gallery,
+                "summary": (f"{MODEL_NAMES.get(spec.model, spec.model)} on {spec.dataset} "
+                            f"({report['params']:,} trained parameters), trained "
+                            f"{report['train_config']['epochs']} epoch(s) on "
+                            f"{report['n_train']:,} examples to test accuracy {acc:.3f}: "
+                            f"{n} of the first {report['n_queries']} test examples are "
+                            "mis-predicted and each is fine-tuned on m selected training "
+                            "examples."),
+                "figures": self.figures(spec, out, {"correction": "fix_rate.png",
+                                                    "correction_gallery": "gallery.png"})}
+
+    def diagnostics_run(self, spec: Run, out: Path, report: dict[str, Any]) -> dict[str, Any]:
+        """One ``influencekit diagnose`` run: the verdicts, trust summary and figures."""
+        acc = report["setup"]["accuracy"]
+        return {"title": _title(spec, acc["test"]), "test_accuracy": acc["test"],
+                "n_test": acc.get("n_test"), "command": report["setup"]["command"],
+                "summary": report["trust"].splitlines()[0], **_diagnosis(report),
+                "figures": self.figures(spec, out, {
+                    f"diagnostics_{key}": f"{key}-{figure}.png" for key, figure in (
+                        ("convexity", "spectrum"), ("divergence", "fading"),
+                        ("linearity", "linearity"))})}
 
     def _correct(self, est: Any, target: tuple[torch.Tensor, torch.Tensor], train_data: Any,
                  test: tuple[torch.Tensor, torch.Tensor], index: int) -> dict[str, Any]:
@@ -290,39 +469,6 @@ class Study:
                 "lr": r.lr, "predictions": r.predictions, "losses": r.losses,
                 "accuracy_change": None if c is None else c.accuracy_change,
                 "flips": None if c is None else c.flips}
-
-    def diagnostics(self) -> dict[str, Any]:
-        out, report = self.run_command("diagnose", "--dataset", "digits", "--model", "mlp",
-                                       *self.preset.diagnose, results="diagnosis.json")
-        acc = report["setup"]["accuracy"]["test"]
-        rows = [_diagnosis_row(f"MLP on digits (test accuracy {acc:.3f})", report)]
-        for key, figure in (("convexity", "spectrum"), ("divergence", "fading"),
-                            ("linearity", "linearity")):
-            if (out / f"{key}-{figure}.png").is_file():
-                self.save_figure(f"diagnostics_{key}",
-                                 (out / f"{key}-{figure}.png").read_bytes())
-        if self.preset.diagnose_mnist:
-            from ..diagnostics import diagnose
-
-            m = self.mnist()
-            cfg = TrainConfig(epochs=1, batch_size=64, lr=0.02, momentum=0.9,
-                              weight_decay=m["config"].weight_decay)
-            q = tuple(t[:50] for t in m["test"])
-            rep = diagnose(m["task"], m["train"], q, config=cfg, store=self.out / "cache" /
-                           "diagnose-mnist", progress=self.progress,
-                           **dict(self.preset.diagnose_mnist_sizes))
-            rep.save(self.out / "diagnose-mnist")
-            x, y = m["test"]
-            acc = float((m["task"].predict(x) == y).float().mean())
-            rows.append(_diagnosis_row(f"{self.preset.mnist_model} on mnist (test accuracy "
-                                       f"{acc:.3f})", rep.to_dict()))
-        return {"rows": rows, "command": report["setup"]["command"],
-                "summary": ("Each of the paper's five assumptions checked on the model: "
-                            "convexity and numeric stability from Lanczos on the Hessian and "
-                            "GGN at the trained parameters; training trajectory, parameter "
-                            "divergence and the first-order expansion from short continued "
-                            "runs with examples removed, up-weighted and removed in groups. "
-                            "Verdicts: holds / weak / fails, each with the number behind it.")}
 
     def spectrum(self) -> dict[str, Any]:
         m = self.mnist()
@@ -398,36 +544,94 @@ class Study:
                          f"{len(bad)} fixed.")}
 
 
-def _diagnosis_row(name: str, report: dict[str, Any]) -> dict[str, Any]:
-    """One diagnosed model as a row of the report: verdicts, summaries, recommendations."""
-    return {"model": name, "trust": report["trust"], "overall": report["overall"],
+def _title(spec: Run, accuracy: float | None = None) -> str:
+    """"ResNet on mnist (test accuracy 0.984)": the run's sub-heading in the report."""
+    name = f"{MODEL_NAMES.get(spec.model, spec.model)} on {spec.dataset}"
+    return name if accuracy is None else f"{name} (test accuracy {accuracy:.3f})"
+
+
+def _diagnosis(report: dict[str, Any]) -> dict[str, Any]:
+    """One diagnosed model: verdicts, summaries, recommendations."""
+    return {"trust": report["trust"], "overall": report["overall"],
             "verdicts": report["verdicts"],
             "sections": {k: {"verdict": v["verdict"], "summary": v["summary"],
                              "recommendation": v["recommendation"]}
                          for k, v in report["sections"].items()},
-            "seconds": report["setup"].get("seconds")}
+            "diagnosis_seconds": report["setup"].get("seconds_diagnose")}
 
 
-def _dynamics_sections(dyn: dict[str, Any]) -> dict[str, Any]:
-    """The dynamics stage as the report's "divergence" and "fading" sections."""
-    g = dyn["growth_rate"]
-    twins, control = g["twins"], g.get("control")
-    summary = (f"{dyn['n_removed']} twin runs (one training example removed each) from a "
-               f"trained start point: log‖Δθ‖ grows at {twins['rate']:.2e} per step "
-               f"[{twins['low']:.2e}, {twins['high']:.2e}]")
-    if control:
-        summary += f"; the data-order control pair at {control['rate']:.2e} per step"
-    horizons = ", ".join(f"{k}: {'never falls' if v == float('inf') else f'step {v:g}'}"
-                         for k, v in dyn["horizon"].items())
-    base = {"status": "done", "seconds": dyn["seconds"], "command": dyn["command"]}
-    return {
-        "divergence": {**base, "growth_rate": g, "summary": summary + "."},
-        "fading": {**base, "horizon": dyn["horizon"], "curves": dyn["fading"],
-                   "summary": ("Correlation between predicted and actual change of the "
-                               "queries' loss along continued training, per estimator; the "
-                               f"influence horizon (first step below the threshold): {horizons}."
-                               )},
-    }
+def _with_texts(gallery: list[dict[str, Any]], dataset: str, settings: dict[str, Any]
+                ) -> list[dict[str, Any]]:
+    """The correction gallery of a text dataset with the texts of its targets and training
+    examples (the split ``correct`` used: its ``--seed`` and ``--n-train``) and class names."""
+    kw: dict[str, Any] = {"seed": settings.get("seed", 0)}
+    if settings.get("n_train"):
+        kw["n_train"] = settings["n_train"]
+    d = ik_data.load(dataset, **kw)
+    return [{**g, "text": d.test[0][g["target"]], "classes": list(d.classes),
+             "examples": [{**e, "text": d.train[0][e["index"]]} for e in g["examples"]]}
+            for g in gallery]
+
+
+def _section(runs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """A section of one entry per run: done when a run is (seconds: the sum over runs)."""
+    if not runs:
+        return {"status": "pending", "reason": "no run of this study in the preset"}
+    done = [r for r in runs if r["status"] == "done"]
+    section: dict[str, Any] = {"status": "done" if done else "failed",
+                               "seconds": sum(r["seconds"] for r in done), **extra,
+                               "runs": runs}
+    if not done:
+        section["reason"] = "; ".join(f"{r['title']}: {r['reason']}" for r in runs)
+    return section
+
+
+def _dynamics_sections(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The dynamics runs as the report's "divergence" and "fading" sections."""
+    divergence, fading = [], []
+    for dyn in runs:
+        if dyn["status"] != "done":
+            divergence.append(dyn)
+            fading.append(dyn)
+            continue
+        g = dyn["growth_rate"]
+        twins, control = g["twins"], g.get("control")
+        summary = (f"{dyn['n_removed']} twin runs (one training example removed each) from a "
+                   f"trained start point: log‖Δθ‖ grows at {twins['rate']:.2e} per step "
+                   f"[{twins['low']:.2e}, {twins['high']:.2e}]")
+        if control:
+            summary += f"; the data-order control pair at {control['rate']:.2e} per step"
+        horizons = ", ".join(f"{k}: {'never falls' if v == float('inf') else f'step {v:g}'}"
+                             for k, v in dyn["horizon"].items())
+        base = {k: dyn[k] for k in ("status", "model", "dataset", "title", "test_accuracy",
+                                    "train_accuracy", "n_test", "n_train", "n_queries",
+                                    "command", "seconds")}
+        figures = dyn["figures"]
+        divergence.append({**base, "growth_rate": g, "n_removed": dyn["n_removed"],
+                           "summary": summary + ".",
+                           "figures": {k: v for k, v in figures.items() if k == "divergence"}})
+        fading.append({**base, "horizon": dyn["horizon"], "curves": dyn["fading"],
+                       "summary": ("Correlation between predicted and actual change of the "
+                                   "queries' loss along continued training, per estimator; the "
+                                   "influence horizon (first step below the threshold): "
+                                   f"{horizons}."),
+                       "figures": {k: v for k, v in figures.items() if k != "divergence"}})
+    return {"divergence": _section(divergence), "fading": _section(fading)}
+
+
+CORRECTION_SUMMARY = (
+    "Each mis-predicted test example (a target) is fine-tuned on m selected training examples "
+    "(SGD, full batch) until it is predicted right: selection by influence against random, "
+    "class-random (m random examples of the target's true class) and the target itself (an "
+    "upper bound that uses its label). Fix rate with a 95% Wilson interval, median steps to "
+    "fix, and the change of accuracy on the rest of the queries (collateral damage). Each "
+    "model is trained briefly, so that it mis-predicts enough examples.")
+DIAGNOSTICS_SUMMARY = (
+    "Each of the paper's five assumptions checked on the model: convexity and numeric "
+    "stability from Lanczos on the Hessian and GGN at the trained parameters; training "
+    "trajectory, parameter divergence and the first-order expansion from short continued runs "
+    "with examples removed, up-weighted and removed in groups. Verdicts: holds / weak / fails, "
+    "each with the number behind it.")
 
 
 def environment(device: str, threads: int) -> dict[str, Any]:
@@ -451,10 +655,12 @@ def run(args: argparse.Namespace) -> int:
     study = Study(out, args.preset, args.device, False if args.no_progress else None)
     sections: dict[str, Any] = {"environment": environment(args.device,
                                                            torch.get_num_threads())}
-    for name in ("models", "estimators", "spectrum", "gallery", "dynamics", "correction",
-                 "diagnostics"):
+    for name in ("models", "estimators", "spectrum", "gallery"):
         sections[name] = study.stage(name, getattr(study, name))
-    sections.update(_dynamics_sections(sections.pop("dynamics")))
+    runs = {stage: study.runs(stage) for stage in STUDIES}
+    sections.update(_dynamics_sections(runs["dynamics"]))
+    sections["correction"] = _section(runs["correction"], summary=CORRECTION_SUMMARY)
+    sections["diagnostics"] = _section(runs["diagnostics"], summary=DIAGNOSTICS_SUMMARY)
     digits = sections["estimators"]["model"]
     sections["models"]["rows"].insert(0, {
         "name": "mlp", "dataset": "digits", "params": digits["params"],
@@ -462,6 +668,7 @@ def run(args: argparse.Namespace) -> int:
         "accuracy_on": digits["accuracy_on"]})
     for name, reason in PENDING.items():
         sections[name] = {"status": "pending", "reason": reason}
+    sections = {name: sections[name] for name in SECTIONS}
     results = {"schema_version": SCHEMA_VERSION,
                "title": "what influence functions do on these models",
                "preset": args.preset, "settings": asdict(study.preset),
@@ -471,4 +678,8 @@ def run(args: argparse.Namespace) -> int:
     page = render(results, figures, out)
     _log(f"report: {page} (results: {out / 'results.json'}; "
          f"{results['total_seconds']:.0f} s)")
+    if study.failed:
+        _log(f"failed: {', '.join(study.failed)} (see the messages above; a rerun retries "
+             "them and reuses the rest)")
+        return 1
     return 0

@@ -23,6 +23,8 @@ td:first-child,th:first-child{text-align:left}
 .note{color:#555;font-size:.92em} pre{white-space:pre-wrap;font-size:.85em}
 .gallery td{text-align:center;vertical-align:top} .gallery img{width:56px;height:56px}
 .pro{color:#1a7f37} .opp{color:#b42318} img.fig{max-width:100%}
+.textgallery td,.textgallery th{text-align:left;vertical-align:top;max-width:480px}
+ol.snippets{margin:0}
 """
 
 
@@ -101,22 +103,96 @@ def render(results: dict[str, Any], figures: dict[str, bytes], out: Path) -> Pat
     gal = s["gallery"]
     parts.append(_section("Influence gallery", gal, _gallery(gal, figures)))
     cor = s["correction"]
-    parts.append(_section("Correcting mis-predictions", cor, (
-        f'<p>{_esc(cor.get("summary", ""))}</p>' + table(cor.get("rows", []), [
-            ("method", "selection"), ("examples", "m"), ("targets", "targets"),
-            ("fixed", "fixed"), ("fix_rate", "fix rate"), ("median_steps_to_fix",
-                                                          "median steps"),
-            ("accuracy_change", "Δ accuracy (rest)"), ("flips", "flips")])
-        + figure(figures, "correction", "fix rate against steps"))))
+    parts.append(_section("Correcting mis-predictions", cor,
+                          f'<p>{_esc(cor.get("summary", ""))}</p>'
+                          + _runs(cor, figures, _correction_run)))
     for key, title in (("divergence", "Parameter divergence"), ("fading", "Influence fading")):
-        parts.append(_section(title, s[key], f'<p>{_esc(s[key].get("summary", ""))}</p>'
-                              + figure(figures, key, title)
-                              + figure(figures, f"{key}_magnitude", f"{title}: magnitude")))
+        parts.append(_section(title, s[key], _runs(s[key], figures, _figures_run)))
     diag = s["diagnostics"]
     parts.append(_section("Five-assumption diagnostics", diag, _diagnostics(diag, figures)))
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>influencekit "
             f"report</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     return atomic_write_text(page, out / "index.html")
+
+
+def _runs(section: dict[str, Any], figures: dict[str, bytes], body: Any) -> str:
+    """One sub-heading per run (model on dataset, with its test accuracy): ``body(run,
+    figures)``, or why the run failed."""
+    parts = []
+    for r in section.get("runs", []):
+        parts.append(f'<h3>{_esc(r.get("title", r.get("model")))}</h3>')
+        if r.get("status") != "done":
+            parts.append(f'<p class="pending">failed: {_esc(r.get("reason", ""))}</p>')
+            continue
+        secs = r.get("seconds")
+        parts.append(body(r, figures)
+                     + (f'<p class="note">computed in {secs:.0f} s</p>' if secs else ""))
+    return "".join(parts)
+
+
+# a run's figures by kind (``results.json``: run["figures"] = {kind: figure name}): alt texts
+FIGURE_LABELS = {"divergence": "parameter divergence against step",
+                 "fading": "influence fading: correlation against step",
+                 "fading_magnitude": "influence fading: magnitude against step",
+                 "correction": "fix rate against steps",
+                 "correction_gallery": "fixed targets and the examples that fixed them",
+                 "diagnostics_convexity": "curvature spectrum (convexity)",
+                 "diagnostics_divergence": "fading along the continued run (divergence)",
+                 "diagnostics_linearity": "linearity of up-weights and groups"}
+
+
+def _run_figure(r: dict[str, Any], figures: dict[str, bytes], kind: str) -> str:
+    name = r.get("figures", {}).get(kind)
+    label = FIGURE_LABELS.get(kind, kind)
+    return figure(figures, name, f"{r.get('title', '')}: {label}") if name else ""
+
+
+def _run_figures(r: dict[str, Any], figures: dict[str, bytes]) -> str:
+    """The run's figures, but its correction gallery (placed last by its section)."""
+    return "".join(_run_figure(r, figures, kind) for kind in r.get("figures", {})
+                   if kind != "correction_gallery")
+
+
+def _figures_run(r: dict[str, Any], figures: dict[str, bytes]) -> str:
+    """A dynamics run (divergence or fading): its summary and figures."""
+    return f'<p>{_esc(r.get("summary", ""))}</p>' + _run_figures(r, figures)
+
+
+CORRECTION_COLUMNS = [
+    ("method", "selection"), ("examples", "m"), ("targets", "targets"), ("fixed", "fixed"),
+    ("fix_rate", "fix rate"), ("median_steps_to_fix", "median steps"),
+    ("accuracy_change", "Δ accuracy (rest)"), ("flips", "flips")]
+
+
+def _correction_run(r: dict[str, Any], figures: dict[str, bytes]) -> str:
+    """A correction run: its summary, table, fix-rate figure and gallery of fixed targets (an
+    image, or for text the snippets)."""
+    gallery = _run_figure(r, figures, "correction_gallery")
+    if not gallery and r.get("gallery"):
+        gallery = _text_gallery(r["gallery"])
+    return (f'<p>{_esc(r.get("summary", ""))}</p>' + table(r.get("rows", []),
+                                                           CORRECTION_COLUMNS)
+            + _run_figures(r, figures) + gallery)
+
+
+def _text_gallery(rows: list[dict[str, Any]]) -> str:
+    """Fixed text targets, each beside the training snippets it was fine-tuned on."""
+    def label(g: dict[str, Any], y: int) -> str:
+        classes = g.get("classes") or []
+        return _esc(classes[y] if 0 <= y < len(classes) else y)
+
+    out = []
+    for g in rows:
+        examples = "".join(
+            f'<li><span class=pro>{_num(e.get("score"))}</span> #{_esc(e["index"])} '
+            f'({label(g, e["label"])}) {_esc(e.get("text", ""))}</li>' for e in g["examples"])
+        out.append(f'<tr><td>“{_esc(g.get("text", ""))}”<br>label {label(g, g["label"])}, '
+                   f'was {label(g, g["predicted_before"])}; fixed in {_esc(g["steps_to_fix"])} '
+                   f'step(s) by {_esc(g["method"])}</td><td><ol class=snippets>{examples}'
+                   "</ol></td></tr>")
+    return ("<p>Fixed targets and the training examples whose fine-tuning fixed them "
+            "(scores: positive = proponent):</p><table class=textgallery><tr><th>target</th>"
+            f"<th>training examples fine-tuned on</th></tr>{''.join(out)}</table>")
 
 
 def _gallery(gal: dict[str, Any], figures: dict[str, bytes]) -> str:
@@ -155,23 +231,28 @@ ASSUMPTIONS = (("convexity", "convexity"), ("stability", "numeric stability"),
 
 
 def _diagnostics(diag: dict[str, Any], figures: dict[str, bytes]) -> str:
-    """A verdict table (model × assumption), each model's trust summary, the figures."""
+    """A verdict table (model × assumption), then per model its trust summary and figures."""
     if diag.get("status") != "done":
         return ""
     head = "<tr><th>model</th>" + "".join(f"<th>{_esc(t)}</th>" for _, t in ASSUMPTIONS) + \
         "</tr>"
-    rows, details = [], []
-    for r in diag["rows"]:
+    rows = []
+    for r in diag["runs"]:
+        if r.get("status") != "done":
+            rows.append(f"<tr><td>{_esc(r.get('title'))}</td><td colspan={len(ASSUMPTIONS)} "
+                        'class="pending">failed</td></tr>')
+            continue
         cells = "".join(
             f'<td class="verdict-{_esc(r["verdicts"].get(k, "skipped"))}" '
             f'title="{_esc(r["sections"].get(k, {}).get("summary", ""))}">'
             f'{_esc(r["verdicts"].get(k, "skipped"))}</td>' for k, _ in ASSUMPTIONS)
-        rows.append(f"<tr><td>{_esc(r['model'])}</td>{cells}</tr>")
-        details.append(f"<h3>{_esc(r['model'])}</h3><pre>{_esc(r['trust'])}</pre>")
-    figs = "".join(figure(figures, f"diagnostics_{k}", f"diagnostics: {t}")
-                   for k, t in ASSUMPTIONS)
+        rows.append(f"<tr><td>{_esc(r['title'])}</td>{cells}</tr>")
+
+    def details(r: dict[str, Any], figures: dict[str, bytes]) -> str:
+        return f"<pre>{_esc(r['trust'])}</pre>" + _run_figures(r, figures)
+
     return (f'<p>{_esc(diag.get("summary", ""))}</p><table>{head}{"".join(rows)}</table>'
-            + "".join(details) + figs)
+            + _runs(diag, figures, details))
 
 
 def load_results(path: Path) -> dict[str, Any]:
