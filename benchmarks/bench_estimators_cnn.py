@@ -77,6 +77,9 @@ def main() -> None:
                     help="λ for EK-FAC / K-FAC, ours and kronfluence's (1e-8: its default)")
     ap.add_argument("--members", type=int, default=8, help="TRAK ensemble size (max)")
     ap.add_argument("--trak-dim", type=int, default=2048)
+    ap.add_argument("--trak-dampings", default="auto,0",
+                    help="TRAK kernel dampings: 'auto' (tr(K)/k, our default) and/or numbers "
+                    "(0: TRAK's own, undamped)")
     ap.add_argument("--tracin-every", type=int, default=16, help="steps between checkpoints")
     ap.add_argument("--compare-python", default=None, help="interpreter with kronfluence")
     ap.add_argument("--compare-timeout", type=int, default=900)
@@ -168,37 +171,45 @@ def main() -> None:
             row["total_s"] = row["query_s"]
             record(name, scores, row)
 
-    # ---- TRAK: one member at a time, ensembles = means of members' scores
+    # ---- TRAK: one member at a time (features stored once per member and output, every
+    # damping rescored from them), ensembles = means of members' scores
     outputs = [o for o in ("loss", "margin") if o not in skip]
+    trak_dampings = [d if d == "auto" else float(d) for d in args.trak_dampings.split(",")]
     if "trak" not in skip:
-        members: dict[str, list[torch.Tensor]] = {o: [] for o in outputs}
-        cost: dict[str, list[float]] = {o: [] for o in outputs}
+        members: dict[tuple, list[torch.Tensor]] = {}
+        cost: dict[tuple, list[float]] = {}
         for m in range(args.members):
             model_m, _ = trained(m, w["train"], args.out)
             task_m = ik.ClassificationTask(model_m)
             for o in outputs:
-                f = args.out / "scores" / f"trak-{o}-member{m}.pt"
-                if args.reuse and f.exists():
-                    members[o].append(torch.load(f))
-                    cost[o].append(float("nan"))
-                    continue
-                row: dict = {}
-                with measured(row, "query"):
-                    est = ik.TRAKInfluence(task_m, projection_dim=args.trak_dim, output=o)
-                    s = est.fit(w["train"]).scores(w["queries"])
-                torch.save(s, f)
-                members[o].append(s)
-                cost[o].append(row["query_s"])
-                print(f"trak {o} member {m}: {row['query_s']:.1f} s", flush=True)
-        for o in outputs:
+                for d in trak_dampings:
+                    key = (o, d)
+                    f = args.out / "scores" / f"trak-{o}-{d}-member{m}.pt"
+                    members.setdefault(key, [])
+                    cost.setdefault(key, [])
+                    if args.reuse and f.exists():
+                        members[key].append(torch.load(f))
+                        cost[key].append(float("nan"))
+                        continue
+                    row: dict = {}
+                    with measured(row, "query"):
+                        est = ik.TRAKInfluence(task_m, projection_dim=args.trak_dim, output=o,
+                                               damping=d, store=args.out / "trak-store")
+                        s = est.fit(w["train"]).scores(w["queries"])
+                    torch.save(s, f)
+                    members[key].append(s)
+                    cost[key].append(row["query_s"])
+                    print(f"trak {o} λ={d} member {m}: {row['query_s']:.1f} s, kernel λ "
+                          f"{est.kernel_dampings[0]:.3g}", flush=True)
+        for (o, d), got in members.items():
             for size in sorted({1, 2, 4, 8, args.members}):
-                if size > len(members[o]):
+                if size > len(got):
                     continue
-                s = torch.stack(members[o][:size]).mean(0)
-                row = {"members": size, "k": args.trak_dim,
-                       "total_s": float(sum(cost[o][:size])),
-                       "per_member_s": float(torch.tensor(cost[o]).nanmean())}
-                record(f"trak-{o} M={size}", s, row)
+                c = cost[(o, d)]
+                row = {"members": size, "k": args.trak_dim, "damping": d,
+                       "total_s": float(sum(c[:size])),
+                       "per_member_s": float(torch.tensor(c).nanmean())}
+                record(f"trak-{o} λ={d} M={size}", torch.stack(got[:size]).mean(0), row)
 
     if "graddot" not in skip and not reused("graddot"):
         row = {}

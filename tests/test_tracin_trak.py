@@ -222,6 +222,39 @@ def test_trak_projection_dim_at_least_p(logistic):
         TRAKInfluence(task, 200, damping=0.0).fit((train[0][:20], train[1][:20]))
 
 
+def test_trak_auto_damping_is_the_mean_kernel_eigenvalue(logistic, small):
+    """The default λ = tr(K_m)/k of each member's own kernel; it also makes a kernel with more
+    dimensions than examples invertible."""
+    model, train, queries = logistic
+    task = ik.ClassificationTask(model)
+    for output in ("loss", "margin"):
+        est = TRAKInfluence(task, projection="none", output=output).fit(train)
+        phi = all_grads(task, train)
+        if output == "margin":
+            margin = copy.copy(task)
+            margin.measurement_fn = _margin
+            phi = all_grads(margin, train, kind="measurement")
+        lam = float((phi ** 2).sum() / len(train[1]) / phi.shape[1])
+        assert est.kernel_dampings == [pytest.approx(lam, rel=1e-12)]
+        assert rel_error(est.scores(queries), _closed_form(task, train, queries, lam,
+                                                           output=output)) < 1e-8
+    assert "damping='auto'" in repr(est) and est.settings()["damping"] == "auto"
+    est = TRAKInfluence(task, 200).fit((train[0][:20], train[1][:20]))  # k > N: fine
+    assert torch.isfinite(est.scores(queries)).all()
+    mlp, data, _ = small
+    other = copy.deepcopy(mlp)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    ens = TRAKInfluence(ik.ClassificationTask(mlp), 16, models=[mlp, other]).fit(data)
+    alone = [TRAKInfluence(ik.ClassificationTask(m), 16).fit(data).kernel_dampings[0]
+             for m in (mlp, other)]
+    assert ens.kernel_dampings == pytest.approx(alone, rel=1e-12)  # each member its own λ
+    assert alone[0] != pytest.approx(alone[1])
+    with pytest.raises(InputError, match="'auto'"):
+        TRAKInfluence(task, 8, damping="big")
+
+
 def test_trak_ensemble_is_the_mean_of_single_models(small):
     model, train, queries = small
     task = ik.ClassificationTask(model)

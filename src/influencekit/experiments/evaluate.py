@@ -66,7 +66,9 @@ from . import arguments as arg
 from .benchmark import GroundTruth, MethodResult, describe_error, evaluate_method
 from .benchmark import summary as row_summary
 
-DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"lissa": {"depth": 200}, "tracin": {"every": 1}}
+# TRAK's kernel is not the loss curvature: it keeps its own (scale-free) damping, not wd
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"lissa": {"depth": 200}, "tracin": {"every": 1},
+                                              "trak": {"damping": "auto"}}
 # options read by evaluate itself, not passed to the estimator
 OWN_OPTIONS = {"mislabel": None, "every": "tracin"}
 # the registries' entries that take tensors (text needs a tokenising experiment of its own)
