@@ -31,18 +31,15 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
-from torch.func import grad, vmap
 
-from ..autodiff import _try_vmap
+from ..autodiff import per_example_grads
 from ..batching import (
     Batch,
     Data,
     batch_size_of,
     iter_batches,
     num_examples,
-    slice_batch,
     to_device,
-    tree_map,
 )
 from ..errors import InputError, check_finite
 from ..progress import progress_bar
@@ -175,17 +172,13 @@ class FisherGradients:
         self.batch_size = positive_int("batch_size", batch_size)
         self.progress = progress
         self.passes = 0
+        self._buffer: torch.Tensor | None = None
 
     def grad_batches(self) -> Iterator[tuple[torch.Tensor, int, int]]:
         """Per batch: ``[K·B, P]`` gradients ``√w_k J_iᵀ v_{k,i}`` (draw-major), the index of
-        its first example and ``B``. From the layers' captured activations and output
-        gradients when every parameter is in a linear or conv layer, else by vmap."""
+        its first example and ``B``. The rows live in one buffer reused for every batch
+        (consume them before asking for the next)."""
         start = 0
-        if self.sampler.covers_all():
-            for g, b in self.sampler.example_grads(self.data):
-                yield g, start, b
-                start += b
-            return
         for batch in iter_batches(self.data, self.batch_size):
             batch = to_device(batch, self.task.device)
             b = batch_size_of(batch)
@@ -193,35 +186,25 @@ class FisherGradients:
             start += b
 
     def grads(self, batch: Batch, start: int) -> torch.Tensor:
-        """``[K·B, P]`` by vmap: ``√w_k J_iᵀ v_{k,i}`` for the examples ``start, …``."""
+        """``[K·B, P]``: ``√w_k J_iᵀ v_{k,i}`` for the examples ``start, …`` by
+        :func:`~influencekit.autodiff.per_example_grads` (one batched backward per draw when
+        the model's layers allow, else vmap)."""
         task = self.task
         task.check_batch(batch)
-        theta = task.theta()
-        with task.evaluating():
-            with torch.no_grad():
-                o = output_tensor(task.outputs(theta, batch))
-            v, w = self.sampler.output_vectors(o, batch, start)
-            v = v.reshape(v.shape[0], v.shape[1], -1).to(o.dtype)
-
-            def one(th: dict[str, torch.Tensor], example: Batch, vk: torch.Tensor
-                    ) -> torch.Tensor:
-                ex = tree_map(lambda t: t.unsqueeze(0), example)
-                return (output_tensor(task.outputs(th, ex)).reshape(-1) * vk).sum()
-
-            def fast(vk: torch.Tensor) -> torch.Tensor:
-                g = vmap(grad(one), in_dims=(None, 0, 0))(theta, batch, vk)
-                return task.layout.flatten(g, batch_dims=1)
-
-            def slow(vk: torch.Tensor) -> torch.Tensor:
-                return torch.stack([task.layout.flatten(grad(one)(
-                    theta, tree_map(lambda t: t[0], slice_batch(batch, slice(i, i + 1))), vk[i]))
-                    for i in range(batch_size_of(batch))])
-
-            rows = [_try_vmap(task, "Fisher gradients", lambda vk=vk: fast(vk),
-                              lambda vk=vk: slow(vk)) * math.sqrt(float(wk))
-                    for vk, wk in zip(v, w, strict=True)]
-        return check_finite(torch.cat(rows).detach(), "per-example Fisher gradients",
-                            "Check the inputs for NaN/inf and the model for overflow.")
+        with task.evaluating(), torch.no_grad():
+            o = output_tensor(task.outputs(task.theta(), batch))
+        v, w = self.sampler.output_vectors(o, batch, start)
+        b = batch_size_of(batch)
+        rows = len(v) * b
+        if self._buffer is None or self._buffer.shape[0] < rows:
+            self._buffer = torch.empty(max(rows, len(v) * self.batch_size), task.num_params,
+                                       dtype=task.dtype, device=task.device)
+        for k, (vk, wk) in enumerate(zip(v, w, strict=True)):
+            g = per_example_grads(task, batch, vectors=vk.to(o.dtype),
+                                  out=self._buffer[k * b:(k + 1) * b])
+            if float(wk) != 1.0:
+                g.mul_(math.sqrt(float(wk)))
+        return self._buffer[:rows]
 
     def _pass(self, block: Callable[[torch.Tensor, int, int], torch.Tensor],
               shape: tuple[int, int]) -> torch.Tensor:
@@ -231,9 +214,8 @@ class FisherGradients:
         with bar:
             for g, start, b in self.grad_batches():
                 total += block(g, start, b).to(torch.float64)
-                del g
-                release_memory()
                 bar.update(b)
+        self._buffer = None
         self.passes += 1
         return total / self.n
 

@@ -485,7 +485,8 @@ class TracIn(CheckpointEstimator):
     def _stream(self, task: Task, q: torch.Tensor, train: Data) -> torch.Tensor:
         return torch.cat([(q @ g.to(torch.float64).T).cpu()
                           for g in iter_grads(task, train, self.batch_size, "loss",
-                                              desc="train gradients", progress=self.progress)],
+                                              desc="train gradients", progress=self.progress,
+                                              reuse=True)],
                          1)
 
     def self_influence(self, train: Data | None = None) -> torch.Tensor:
@@ -497,7 +498,7 @@ class TracIn(CheckpointEstimator):
         for i, lr in enumerate(self.learning_rates):
             part = lr * torch.cat([(g.to(torch.float64) ** 2).sum(1).cpu() for g in iter_grads(
                 self.task_at(i), train, self.batch_size, "loss", desc="self-influence",
-                progress=self.progress)])
+                progress=self.progress, reuse=True)])
             total = part if total is None else total + part
         return total.to(self._out_dtype())
 
