@@ -95,12 +95,13 @@ def plan(task: Any) -> Plan | None:
     parameter lies outside a covered layer (the reason is kept in ``task._layerwise_why``).
     Cached on the task, keyed by the model's modules (a copy of the task with another model,
     or a replaced submodule, gets its own plan) and batch norm's modes."""
-    key = tuple((id(m), isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training)
-                for m in task.model.modules())
-    cache = task.__dict__.get("_layerwise_plans")
-    if cache is None or cache[0] != key:
-        cache = (key, task.model, _make_plan(task))  # the model: keeps the ids in key valid
-        task.__dict__["_layerwise_plans"] = cache
+    with task.evaluating():  # the mode the gradients are taken in
+        key = tuple((id(m), isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training)
+                    for m in task.model.modules())
+        cache = task.__dict__.get("_layerwise_plans")
+        if cache is None or cache[0] != key:
+            cache = (key, task.model, _make_plan(task))  # the model: keeps key's ids valid
+            task.__dict__["_layerwise_plans"] = cache
     return cache[2]
 
 
