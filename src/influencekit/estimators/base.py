@@ -158,7 +158,7 @@ class Estimator:
             if self.stores_features():
                 self._features = self._train_features(train, stored=True)
         finally:
-            self._scratch = None
+            self._drop_scratch()
         return self
 
     def scores(self, queries: Data, train: Data | None = None) -> torch.Tensor:
@@ -170,7 +170,7 @@ class Estimator:
         try:
             return self._scores(queries, self._resolve_train(train))
         finally:
-            self._scratch = None
+            self._drop_scratch()
 
     def _scores(self, queries: Data, train: Data) -> torch.Tensor:
         check_compatible(queries, train)
@@ -254,6 +254,10 @@ class Estimator:
         if self._scratch is None or self._scratch.shape[0] < b:
             self._scratch = grad_buffer(self.task, max(b, self.batch_size))
         return per_example_grads(self.task, batch, kind, out=self._scratch)
+
+    def _drop_scratch(self) -> None:
+        """Free the buffers kept between batches (after fit and after scores)."""
+        self._scratch = None
 
     def _score_gradients(self, q: torch.Tensor, train: Data) -> torch.Tensor:
         """``q [k, P]`` against every (transformed) training gradient, streamed through one
