@@ -143,7 +143,7 @@ def iter_grads(
     consume a batch before asking for the next)."""
     bar = progress_bar(total=num_examples(data), desc=desc or f"{kind} gradients", unit="ex",
                        progress=progress)
-    buffer = grad_buffer(task, batch_size) if reuse else None
+    buffer = grad_buffer(task, min(batch_size, num_examples(data))) if reuse else None
     with bar:
         for batch in iter_batches(data, batch_size):
             g = per_example_grads(task, to_device(batch, task.device), kind, out=buffer)

@@ -197,8 +197,8 @@ class FisherGradients:
         b = batch_size_of(batch)
         rows = len(v) * b
         if self._buffer is None or self._buffer.shape[0] < rows:
-            self._buffer = torch.empty(max(rows, len(v) * self.batch_size), task.num_params,
-                                       dtype=task.dtype, device=task.device)
+            self._buffer = torch.empty(rows, task.num_params, dtype=task.dtype,
+                                       device=task.device)  # the first batch is the largest
         for k, (vk, wk) in enumerate(zip(v, w, strict=True)):
             g = per_example_grads(task, batch, vectors=vk.to(o.dtype),
                                   out=self._buffer[k * b:(k + 1) * b])

@@ -252,7 +252,7 @@ class Estimator:
         call (for features consumed at once); the buffer is dropped after fit and scores."""
         b = batch_size_of(batch)
         if self._scratch is None or self._scratch.shape[0] < b:
-            self._scratch = grad_buffer(self.task, max(b, self.batch_size))
+            self._scratch = grad_buffer(self.task, b)  # the first batch is the largest
         return per_example_grads(self.task, batch, kind, out=self._scratch)
 
     def _drop_scratch(self) -> None:
