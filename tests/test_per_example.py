@@ -255,3 +255,24 @@ def test_copied_task_with_another_model_gets_its_own_plan():
     fast = per_example_grads(other, (x, y))
     other._layerwise_off = True
     assert rel(fast, per_example_grads(other, (x, y))) < 1e-12
+
+
+def test_nan_gradients_still_raise_where_the_check_is_on_reductions():
+    """GradDot's stream and Arnoldi's features check norms/products instead of every entry:
+    NaN gradients must still raise."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(3, 2, bias=False)).double()
+    with torch.no_grad():
+        model[0].weight.zero_()
+    task = ik.Task(model, loss=lambda out, b: torch.sqrt(out ** 2).sum(1))  # 0/0 at w = 0
+    x = torch.randn(6, 3, dtype=torch.float64)
+    data = (x, torch.zeros(6, dtype=torch.float64))
+    with pytest.raises(ik.NumericalError, match="gradients contains"):
+        ik.GradDot(task).scores((x[:2], data[1][:2]), data)
+    est = ik.ArnoldiInfluence(task, rank=2, filter="topk")
+    with pytest.raises(ik.NumericalError):
+        est.fit(data)
+    est.eigen = ik.curvature.Eigenpairs(torch.ones(2), torch.eye(2, 6, dtype=torch.float64))
+    est._weights = (torch.ones(2, dtype=torch.float64), 0.0)
+    with pytest.raises(ik.NumericalError, match="gradients contains"):
+        est.features(data, "loss")

@@ -201,8 +201,8 @@ class FisherGradients:
             self._buffer = torch.empty(rows, task.num_params, dtype=task.dtype,
                                        device=task.device)  # the first batch is the largest
         for k, (vk, wk) in enumerate(zip(v, w, strict=True)):
-            g = per_example_grads(task, batch, vectors=vk.to(o.dtype),
-                                  out=self._buffer[k * b:(k + 1) * b])
+            g = per_example_grads(task, batch, vectors=vk.to(o.dtype),  # NaN/inf: caught in
+                                  out=self._buffer[k * b:(k + 1) * b], check=False)  # the pass
             if float(wk) != 1.0:
                 g.mul_(math.sqrt(float(wk)))
         return self._buffer[:rows]

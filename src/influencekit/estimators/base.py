@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..autodiff import grad_buffer, iter_grads, per_example_grads
+from ..autodiff import check_grads, grad_buffer, iter_grads, per_example_grads
 from ..batching import (
     Batch,
     Data,
@@ -247,13 +247,13 @@ class Estimator:
         return 8 * self.task.num_params
 
     # ----------------------------------------------------------------- gradient space
-    def _grads(self, batch: Batch, kind: str) -> torch.Tensor:
+    def _grads(self, batch: Batch, kind: str, check: bool = True) -> torch.Tensor:
         """Per-example gradients in the estimator's scratch buffer, overwritten by the next
         call (for features consumed at once); the buffer is dropped after fit and scores."""
         b = batch_size_of(batch)
         if self._scratch is None or self._scratch.shape[0] < b:
             self._scratch = grad_buffer(self.task, b)  # the first batch is the largest
-        return per_example_grads(self.task, batch, kind, out=self._scratch)
+        return per_example_grads(self.task, batch, kind, out=self._scratch, check=check)
 
     def _drop_scratch(self) -> None:
         """Free the buffers kept between batches (after fit and after scores)."""
@@ -267,8 +267,11 @@ class Estimator:
         cols = []
         q = q.to(self.task.dtype)
         for g in iter_grads(self.task, train, self.batch_size, "loss",
-                            desc="train gradients", progress=self.progress, reuse=True):
-            cols.append((q @ self.train_transform(g).T).to(torch.float64).cpu())
+                            desc="train gradients", progress=self.progress, reuse=True,
+                            check=False):
+            col = q @ self.train_transform(g).T
+            check_grads(g, "loss", reduced=col)  # NaN/inf in g reaches its products
+            cols.append(col.to(torch.float64).cpu())
         return torch.cat(cols, 1)
 
     # ----------------------------------------------------------------- helpers
