@@ -3,8 +3,10 @@
 All vectors are flat ``[..., P]`` tensors in the task's parameter layout. Everything streams over
 batches, so the full ``N × P`` gradient matrix is never built unless a caller asks for it.
 
-- :func:`per_example_grads`: ``[B, P]`` by ``vmap(grad)``, with a per-example loop fallback for
-  models that ``vmap`` cannot trace (e.g. data-dependent control flow).
+- :func:`per_example_grads`: ``[B, P]`` from one batched backward with layer captures
+  (:mod:`influencekit.layerwise`) when every selected parameter lies in a covered layer, else by
+  ``vmap(grad)``, with a per-example loop fallback for models that ``vmap`` cannot trace (e.g.
+  data-dependent control flow).
 - :func:`curvature_vp`: Hessian- or GGN-vector products of the *summed* batch loss, for a block of
   vectors at once (forward-over-reverse, with a double-backward fallback).
 - :func:`value_jvps`: directional derivatives of per-example losses/measurements, ``[k, B]``.
