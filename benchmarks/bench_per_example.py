@@ -10,7 +10,7 @@ data and thread, interleaved (``--repeats`` rounds; medians). Rows:
 - projection of the training set onto 50 orthonormal directions (``ArnoldiInfluence``'s
   feature pass: ``G Eᵀ`` and squared norms), in epochs;
 - ``GradDot`` scores of 100 queries against 4,000 examples, with peak memory;
-- ``CGInfluence`` (10 CG iterations, 2 queries) — its time is Hessian-vector products;
+- ``CGInfluence`` (GGN, 10 CG iterations, 2 queries) — its time is Hessian-vector products;
 - with ``--compare-python PY`` (an interpreter with captum): captum's ``TracInCP`` on the same
   model and data (``compare_tracin.py``; same scores as ``GradDot``);
 - with ``--abif``: ``ArnoldiInfluence(task)`` end to end (eigenbasis, projection, queries), once.
@@ -115,7 +115,7 @@ def main() -> None:
         return lambda: pkg.GradDot(task).scores(queries, train)
 
     def cg(pkg, task):
-        return lambda: pkg.CGInfluence(task, damping=1e-2, max_iter=10).fit(train).scores(
+        return lambda: pkg.CGInfluence(task, damping=1e-2, curvature="ggn", max_iter=10).fit(train).scores(
             (queries[0][:2], queries[1][:2]), train)
 
     rows = {"grads": grads, "projection": projection, "graddot": graddot, "cg": cg}
@@ -155,7 +155,7 @@ def main() -> None:
     labels = {"grads": f"per-example gradients, {n} examples",
               "projection": f"projection onto {args.rank} directions",
               "graddot": f"GradDot, {len(queries[1])} queries",
-              "cg": "CGInfluence, 10 iterations, 2 queries"}
+              "cg": "CGInfluence (GGN), 10 iterations, 2 queries"}
     for name in rows:
         o, nw = med[f"{name} old"], med[f"{name} new"]
         pk = statistics.median(peaks[f"{name} new"])
