@@ -115,8 +115,8 @@ def main() -> None:
         return lambda: pkg.GradDot(task).scores(queries, train)
 
     def cg(pkg, task):
-        return lambda: pkg.CGInfluence(task, damping=1e-2, curvature="ggn", max_iter=10).fit(train).scores(
-            (queries[0][:2], queries[1][:2]), train)
+        return lambda: pkg.CGInfluence(task, damping=1e-2, curvature="ggn", max_iter=10).fit(
+            train).scores((queries[0][:2], queries[1][:2]), train)
 
     rows = {"grads": grads, "projection": projection, "graddot": graddot, "cg": cg}
     rows = {k: v for k, v in rows.items() if k not in skip}
@@ -184,9 +184,12 @@ def main() -> None:
 
     if args.abif:
         print("\nArnoldiInfluence(task) end to end (one run each):")
-        print("| version | eigenbasis s | projection s | queries s | total s | peak MB |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| version | eigenbasis s | projection s | queries s | total s | peak MB | "
+              "epoch s (just before) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        scores: dict[str, torch.Tensor] = {}
         for label, pkg, task in (("old", ikb, old_task), ("new", ik, new_task)):
+            ep = one_epoch_seconds(model, train)
             est = pkg.ArnoldiInfluence(task)
             task.check_batch(tuple(t[:est.batch_size] for t in train))
             est.train, est.n_train = train, n
@@ -198,10 +201,15 @@ def main() -> None:
                 est.__dict__.pop("_basis_cast", None)
                 est._scratch = None
                 t2 = time.perf_counter()
-                est.scores(queries)
+                scores[label] = est.scores(queries).double()
                 t3 = time.perf_counter()
             print(f"| {label} | {t1 - t0:.1f} | {t2 - t1:.1f} | {t3 - t2:.1f} | {t3 - t0:.1f} | "
-                  f"{mem['peak_mb']:.0f} |", flush=True)
+                  f"{mem['peak_mb']:.0f} | {ep:.2f} |", flush=True)
+
+        from influencekit.groundtruth.metrics import mean_spearman
+        a, b = scores["new"], scores["old"]
+        print(f"scores new vs old: rel. diff {float((a - b).norm() / b.norm()):.1e}, mean "
+              f"Spearman per query {mean_spearman(a, b):.4f}")
 
 
 if __name__ == "__main__":
