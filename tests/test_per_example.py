@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -219,7 +220,7 @@ def test_weight_used_outside_its_module_is_caught():
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
     with pytest.warns(UserWarning, match="disagree with autograd"):
         g = per_example_grads(task, (x, y))
-    assert layerwise.plan(task).ok == {"loss": False}
+    assert list(layerwise.plan(task).ok.values()) == [False]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g2 = per_example_grads(task, (x, y))  # vmap from now on, silently
@@ -236,13 +237,18 @@ def test_loss_mixing_examples_is_caught():
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
     with pytest.warns(UserWarning, match="disagree with autograd"):
         per_example_grads(task, (x, y))
+    # each value function is checked: a copy with a mixing measurement, after a good loss
+    good = ik.ClassificationTask(nn.Sequential(nn.Linear(3, 3)).double())
+    per_example_grads(good, (x, y))
+    mixing = copy.copy(good)
+    mixing.measurement_fn = lambda out, b: out.logsumexp(1) * out.shape[0] / 4.0
+    with pytest.warns(UserWarning, match="disagree with autograd"):
+        per_example_grads(mixing, (x, y), "measurement")
 
 
 def test_copied_task_with_another_model_gets_its_own_plan():
     """A shallow copy of a task with another model (TracIn's checkpoints) must not reuse the
     first model's hooks."""
-    import copy
-
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     task = ik.ClassificationTask(model)

@@ -85,8 +85,8 @@ def per_example_grads(task: Task, batch: Batch, kind: str = "loss", *,
     :func:`check_grads`."""
     task.check_batch(batch)
     theta = task.theta()
-    if vectors is None:
-        key = kind
+    if vectors is None:  # the layer path is checked once per value function
+        key = f"{kind}:{id(task.loss_fn if kind == 'loss' else task.measurement_fn)}"
 
         def value(th: dict[str, torch.Tensor], b: Batch, v: torch.Tensor | None
                   ) -> torch.Tensor:

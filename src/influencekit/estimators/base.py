@@ -247,13 +247,16 @@ class Estimator:
         return 8 * self.task.num_params
 
     # ----------------------------------------------------------------- gradient space
-    def _grads(self, batch: Batch, kind: str, check: bool = True) -> torch.Tensor:
-        """Per-example gradients in the estimator's scratch buffer, overwritten by the next
-        call (for features consumed at once); the buffer is dropped after fit and scores."""
+    def _grads(self, batch: Batch, kind: str, check: bool = True,
+               task: Task | None = None) -> torch.Tensor:
+        """Per-example gradients (of ``task``, default the estimator's) in the estimator's
+        scratch buffer, overwritten by the next call (for features consumed at once); the
+        buffer is dropped after fit and scores."""
+        task = task or self.task
         b = batch_size_of(batch)
         if self._scratch is None or self._scratch.shape[0] < b:
-            self._scratch = grad_buffer(self.task, b)  # the first batch is the largest
-        return per_example_grads(self.task, batch, kind, out=self._scratch, check=check)
+            self._scratch = grad_buffer(task, b)  # the first batch is the largest
+        return per_example_grads(task, batch, kind, out=self._scratch, check=check)
 
     def _drop_scratch(self) -> None:
         """Free the buffers kept between batches (after fit and after scores)."""

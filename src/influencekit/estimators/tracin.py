@@ -328,8 +328,9 @@ class CheckpointEstimator(Estimator):
         return self._projector
 
     def _project(self, g: torch.Tensor) -> torch.Tensor:
+        """``g R`` (a new tensor: ``g`` may be the reused gradient buffer)."""
         proj = self.projector()
-        return g if proj is None else proj(g)
+        return g.clone() if proj is None else proj(g)
 
     def task_at(self, i: int) -> Task:
         """The task evaluated at state ``i`` (a private model copy; the user's is untouched)."""
@@ -447,7 +448,7 @@ class TracIn(CheckpointEstimator):
 
     def features(self, batch: Batch, kind: str) -> Features:
         """``g{t}``: projected gradients at checkpoint ``t`` ([B, k] each)."""
-        return {f"g{t}": self._project(per_example_grads(self.task_at(t), batch, kind))
+        return {f"g{t}": self._project(self._grads(batch, kind, task=self.task_at(t)))
                 for t in range(self.num_states)}
 
     def score_features(self, q: Features, t: Features) -> torch.Tensor:
