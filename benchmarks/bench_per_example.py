@@ -106,8 +106,7 @@ def main() -> None:
             est.eigen = pkg.curvature.Eigenpairs(torch.ones(args.rank), basis)
             est._weights = (torch.ones(args.rank, dtype=torch.float64), 0.0)
             feats = est._train_features(train, stored=False)
-            est.__dict__.pop("_basis_cast", None)
-            est._scratch = None
+            getattr(est, "_drop_scratch", lambda: None)()
             return feats.cat("G")
         return run
 
@@ -198,8 +197,7 @@ def main() -> None:
                 est._fit(train)
                 t1 = time.perf_counter()
                 est._features = est._train_features(train, stored=False)
-                est.__dict__.pop("_basis_cast", None)
-                est._scratch = None
+                getattr(est, "_drop_scratch", lambda: None)()
                 t2 = time.perf_counter()
                 scores[label] = est.scores(queries).double()
                 t3 = time.perf_counter()

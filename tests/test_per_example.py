@@ -282,3 +282,46 @@ def test_nan_gradients_still_raise_where_the_check_is_on_reductions():
     est._weights = (torch.ones(2, dtype=torch.float64), 0.0)
     with pytest.raises(ik.NumericalError, match="gradients contains"):
         est.features(data, "loss")
+
+
+# ----------------------------------------------------------------------------- projections
+def _projection_models():
+    torch.manual_seed(10)
+    conv = ConvNet(nn.Conv2d(2, 3, 3, padding=1), 2).double()
+    xc = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    conv(xc)
+
+    class Twice(nn.Module):  # a Linear called twice and one over positions
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.pos = nn.Linear(3, 4, bias=False)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(torch.tanh(self.a(x))))  # [B, T, 3]
+            return self.head(torch.tanh(self.pos(h)).mean(1))
+
+    xt = torch.randn(5, 4, 3, dtype=torch.float64)
+    emb = nn.Sequential(nn.Embedding(7, 3, padding_idx=0), nn.Flatten(), nn.Linear(6, 3))
+    xe = torch.tensor([[1, 2], [0, 3], [6, 6], [4, 0], [5, 1]])
+    y = torch.tensor([0, 1, 2, 1, 0])
+    return {"conv": (ik.ClassificationTask(conv), (xc, y)),
+            "twice+positions": (ik.ClassificationTask(Twice().double()), (xt, y)),
+            "embedding": (ik.ClassificationTask(emb.double(), params=["0", "2.weight"]),
+                          (xe, y))}
+
+
+@pytest.mark.parametrize("name", ["conv", "twice+positions", "embedding"])
+def test_projections_without_the_gradient_matrix(name):
+    from influencekit.autodiff import project_grads
+
+    task, (x, y) = _projection_models()[name]
+    basis = torch.randn(4, task.num_params, dtype=torch.float64)
+    cache: dict = {}
+    for kind in ("loss", "measurement"):
+        g = per_example_grads(task, (x, y), kind)  # checks the layer path once
+        coords, sq = project_grads(task, (x, y), kind, basis, cache)
+        assert "projection" in cache  # the layer projections, not g @ basis
+        assert rel(coords, g @ basis.T) < 1e-10
+        assert rel(sq, (g * g).sum(1)) < 1e-10

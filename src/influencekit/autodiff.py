@@ -138,6 +138,37 @@ def per_example_grads(task: Task, batch: Batch, kind: str = "loss", *,
     return check_grads(g, kind) if check else g
 
 
+def project_grads(task: Task, batch: Batch, kind: str, basis: torch.Tensor, cache: dict, *,
+                  grads: Callable[[], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G Eᵀ [B, k], ‖g_n‖² [B])``: the per-example gradients ``G`` of :func:`per_example_grads`
+    projected on the rows of ``basis [k, P]`` (the model's dtype), and their squared norms.
+
+    Once the layer path has been checked for this task and kind (on a first batch through
+    :func:`per_example_grads`), without ``[B, P]`` where the layers allow
+    (:func:`influencekit.layerwise.projections`: an ``nn.Linear`` weight contributes
+    ``δᵀ (E_j a)``, saving its gradient block and a third of the projection's time on the MNIST
+    CNN); otherwise from ``grads()`` (default: :func:`per_example_grads`). ``cache``: a dict the
+    caller keeps while the basis is in use (the basis rearranged per layer)."""
+    task.check_batch(batch)
+    key = f"{kind}:{id(task.loss_fn if kind == 'loss' else task.measurement_fn)}"
+    the_plan = None if task.__dict__.get("_layerwise_off") else layerwise.plan(task)
+    if the_plan is not None and the_plan.ok.get(key) is True:
+        if cache.get("plan") is not the_plan or cache.get("basis") is not basis:
+            cache.clear()
+            cache.update(plan=the_plan, basis=basis,
+                         projection=layerwise.Projection(the_plan, basis))
+        with task.evaluating():
+            coords, sq = layerwise.projections(
+                task, cache["projection"], batch, lambda th, b: task.values(th, b, kind))
+        if bool(torch.isfinite(sq.sum() + coords.sum())):
+            return coords, sq
+    g = grads() if grads is not None else per_example_grads(task, batch, kind, check=False)
+    norms = torch.linalg.vector_norm(g, dim=1)
+    check_grads(g, kind, reduced=norms)  # NaN/inf in g reaches its norms
+    return (basis @ g.T).T, norms * norms  # E Gᵀ: 25% faster than G Eᵀ on the MNIST CNN
+
+
 def check_grads(g: torch.Tensor, kind: str = "loss",
                 reduced: torch.Tensor | None = None) -> torch.Tensor:
     """Raise :class:`~influencekit.errors.NumericalError` if per-example gradients ``g`` hold

@@ -182,9 +182,10 @@ class _Capture:
         return hook
 
 
-def grads(task: Any, the_plan: Plan, batch: Batch, value: ValueFn,
-          out: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, P]``: the gradient of each example's ``value(theta, batch)[n]`` (into ``out``)."""
+def _captured(task: Any, the_plan: Plan, batch: Batch, value: ValueFn
+              ) -> tuple[int, list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """One batched forward and backward: ``B`` and, per layer, its calls' (input, output
+    gradient) pairs (calls whose output no value reached are left out)."""
     b = batch_size_of(batch)
     cap = _Capture(the_plan.layers, b)
     theta = task.theta()
@@ -195,19 +196,93 @@ def grads(task: Any, the_plan: Plan, batch: Batch, value: ValueFn,
         deltas: tuple[torch.Tensor | None, ...] = (None,) * len(flat)
     else:
         deltas = torch.autograd.grad(total, flat, allow_unused=True)
-    dtype, device = task.dtype, task.device
+    calls, k = [], 0
+    for i in range(len(the_plan.layers)):
+        pairs = zip(cap.inputs[i], deltas[k:k + len(cap.probes[i])])
+        k += len(cap.probes[i])
+        calls.append([(a, d) for a, d in pairs if d is not None])
+    return b, calls
+
+
+def grads(task: Any, the_plan: Plan, batch: Batch, value: ValueFn,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, P]``: the gradient of each example's ``value(theta, batch)[n]`` (into ``out``)."""
+    b, calls = _captured(task, the_plan, batch, value)
     if out is None:
-        out = torch.empty(b, the_plan.size, dtype=dtype, device=device)
+        out = torch.empty(b, the_plan.size, dtype=task.dtype, device=task.device)
     if the_plan.needs_zero:
         out.zero_()
-    k = 0
     with torch.no_grad():
-        for i, layer in enumerate(the_plan.layers):
-            calls = list(zip(cap.inputs[i], deltas[k:k + len(cap.probes[i])]))
-            k += len(cap.probes[i])
-            calls = [(a, d) for a, d in calls if d is not None]
-            _write(out, layer, calls, b)
+        for layer, layer_calls in zip(the_plan.layers, calls):
+            _write(out, layer, layer_calls, b)
     return out
+
+
+class Projection:
+    """A basis ``E [k, P]`` (rows, the model's dtype) prepared for :func:`projections`: each
+    ``nn.Linear`` weight block as ``[k·out, in]``, so that an example's ``⟨E_j, δ aᵀ⟩`` is
+    ``δᵀ (E_j a)`` without its ``out × in`` gradient block; the other columns as one
+    ``[k, P_rest]`` block for the per-example gradients of the remaining parameters."""
+
+    def __init__(self, the_plan: Plan, basis: torch.Tensor):
+        self.plan, self.basis, self.k = the_plan, basis, basis.shape[0]
+        self.direct: dict[int, torch.Tensor] = {}
+        rest: list[torch.Tensor] = []
+        self.compact: list[Layer] = []
+        start = 0
+
+        def take(cols: slice | None) -> slice | None:
+            nonlocal start
+            if cols is None:
+                return None
+            rest.append(torch.arange(cols.start, cols.stop))
+            start += cols.stop - cols.start
+            return slice(start - (cols.stop - cols.start), start)
+
+        for i, layer in enumerate(the_plan.layers):
+            direct = isinstance(layer.module, nn.Linear) and layer.weight is not None
+            if direct:
+                o, n_in = layer.module.weight.shape
+                self.direct[i] = basis[:, layer.weight].reshape(self.k * o, n_in)
+            self.compact.append(Layer(layer.name, layer.module,
+                                      None if direct else take(layer.weight), take(layer.bias)))
+        index = torch.cat(rest) if rest else torch.zeros(0, dtype=torch.long)
+        self.rest = basis[:, index.to(basis.device)].contiguous()  # [k, P_rest]
+        self.rest_size = start
+
+
+def projections(task: Any, proj: Projection, batch: Batch, value: ValueFn
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G Eᵀ [B, k], ‖g‖² [B])`` of the per-example gradients ``G`` without ``[B, P]``: a
+    Linear weight applied once per example contributes ``δᵀ (E_j a)`` and ``‖δ‖² ‖a‖²``, every
+    other block is written into a ``[B, P_rest]`` buffer and projected."""
+    b, calls = _captured(task, proj.plan, batch, value)
+    dtype, device = task.dtype, task.device
+    compact = (torch.zeros if proj.plan.needs_zero else torch.empty)(
+        b, proj.rest_size, dtype=dtype, device=device)
+    coords = torch.zeros(b, proj.k, dtype=dtype, device=device)
+    sq = torch.zeros(b, dtype=dtype, device=device)
+    with torch.no_grad():
+        for i, (layer, layer_calls) in enumerate(zip(proj.plan.layers, calls)):
+            _write(compact, proj.compact[i], layer_calls, b)
+            if i not in proj.direct or not layer_calls:
+                continue
+            o, n_in = layer.module.weight.shape
+            a, d = layer_calls[0]
+            if len(layer_calls) == 1 and a.numel() == b * n_in:  # one position per example
+                a, d = a.reshape(b, n_in), d.reshape(b, o).to(dtype)
+                m = (a @ proj.direct[i].T).view(b, proj.k, o)  # E_j a
+                coords.add_(torch.bmm(m, d[:, :, None]).squeeze(2))
+                sq.add_((d * d).sum(1) * (a * a).sum(1))
+            else:  # positions or repeated calls: the block itself
+                block = torch.empty(b, o * n_in, dtype=dtype, device=device)
+                _write(block, Layer(layer.name, layer.module, slice(0, o * n_in), None),
+                       layer_calls, b)
+                coords.addmm_(block, proj.basis[:, layer.weight].T)
+                sq.add_((block * block).sum(1))
+        coords.addmm_(compact, proj.rest.T)
+        sq.add_((compact * compact).sum(1))
+    return coords, sq
 
 
 def _block(out: torch.Tensor, cols: slice, shape: tuple[int, ...]) -> torch.Tensor:
