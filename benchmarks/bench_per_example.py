@@ -6,7 +6,8 @@ temporary folder and imported as ``influencekit_base``, so both versions run on 
 data and thread, interleaved (``--repeats`` rounds; medians). Rows:
 
 - one training epoch (forward, backward, Adam; batch 64), the unit of the projection goal;
-- per-example gradients of all 4,000 examples (batch 64);
+- per-example gradients of all 4,000 examples (batch 64), also with this tree's layer path
+  switched off (``vmap``: what the other fixes alone give);
 - projection of the training set onto 50 orthonormal directions (``ArnoldiInfluence``'s
   feature pass: ``G Eᵀ`` and squared norms), in epochs;
 - ``GradDot`` scores of 100 queries against 4,000 examples, with peak memory;
@@ -71,7 +72,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rank", type=int, default=50)
     ap.add_argument("--skip", default="", help="comma list of rows to skip: epoch,grads,"
-                    "projection,graddot,cg")
+                    "grads_vmap,projection,graddot,cg")
     ap.add_argument("--compare-python", default=None)
     ap.add_argument("--abif", action="store_true")
     args = ap.parse_args()
@@ -117,7 +118,14 @@ def main() -> None:
         return lambda: pkg.CGInfluence(task, damping=1e-2, curvature="ggn", max_iter=10).fit(
             train).scores((queries[0][:2], queries[1][:2]), train)
 
-    rows = {"grads": grads, "projection": projection, "graddot": graddot, "cg": cg}
+    vmap_task = ik.ClassificationTask(model)
+    vmap_task._layerwise_off = True  # this tree's vmap path, for the split of the gain
+
+    def grads_vmap(pkg, task):
+        return grads(pkg, vmap_task if pkg is ik else task)
+
+    rows = {"grads": grads, "grads_vmap": grads_vmap, "projection": projection,
+            "graddot": graddot, "cg": cg}
     rows = {k: v for k, v in rows.items() if k not in skip}
     times: dict[str, list[float]] = {"epoch": []}
     peaks: dict[str, list[float]] = {}
@@ -152,6 +160,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| one training epoch (median of {len(times['epoch'])}) | | {epoch:.2f} | | 1.00 | | |")
     labels = {"grads": f"per-example gradients, {n} examples",
+              "grads_vmap": "same, new tree with the layer path off (vmap)",
               "projection": f"projection onto {args.rank} directions",
               "graddot": f"GradDot, {len(queries[1])} queries",
               "cg": "CGInfluence (GGN), 10 iterations, 2 queries"}

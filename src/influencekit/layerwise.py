@@ -378,7 +378,7 @@ def _conv_weight_grads(m: nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.
     kernel = tuple(m.weight.shape[2:])
     xs = x.reshape(1, b * x.shape[1], *x.shape[2:])
     ds = d.reshape(1, b * o, *d.shape[2:])
-    weight = torch.zeros((), dtype=x.dtype, device=x.device).expand(b * o, cg, *kernel)
+    weight = x.new_empty((b * o, cg, *kernel))  # its shape only: no input gradient is asked
     gw = torch.ops.aten.convolution_backward(
         ds, xs, weight, None, list(m.stride), padding, list(m.dilation), False,
         [0] * len(kernel), b * m.groups, [False, True, False])[1]
