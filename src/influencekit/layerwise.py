@@ -220,7 +220,7 @@ def grads(task: Any, the_plan: Plan, batch: Batch, value: ValueFn,
 
 class Projection:
     """A basis ``E [k, P]`` (rows, the model's dtype) prepared for :func:`projections`: each
-    ``nn.Linear`` weight block as ``[k·out, in]``, so that an example's ``⟨E_j, δ aᵀ⟩`` is
+    ``nn.Linear`` weight block as ``[in, k·out]``, so that an example's ``⟨E_j, δ aᵀ⟩`` is
     ``δᵀ (E_j a)`` without its ``out × in`` gradient block; the other columns as one
     ``[k, P_rest]`` block for the per-example gradients of the remaining parameters."""
 
@@ -243,7 +243,7 @@ class Projection:
             direct = isinstance(layer.module, nn.Linear) and layer.weight is not None
             if direct:
                 o, n_in = layer.module.weight.shape
-                self.direct[i] = basis[:, layer.weight].reshape(self.k * o, n_in)
+                self.direct[i] = basis[:, layer.weight].reshape(self.k * o, n_in).T.contiguous()
             self.compact.append(Layer(layer.name, layer.module,
                                       None if direct else take(layer.weight), take(layer.bias)))
         index = torch.cat(rest) if rest else torch.zeros(0, dtype=torch.long)
@@ -271,8 +271,8 @@ def projections(task: Any, proj: Projection, batch: Batch, value: ValueFn
             a, d = layer_calls[0]
             if len(layer_calls) == 1 and a.numel() == b * n_in:  # one position per example
                 a, d = a.reshape(b, n_in), d.reshape(b, o).to(dtype)
-                m = (a @ proj.direct[i].T).view(b, proj.k, o)  # E_j a
-                coords.add_(torch.bmm(m, d[:, :, None]).squeeze(2))
+                m = (proj.direct[i].T @ a.T).view(proj.k, o, b)  # E_j a (this order: faster)
+                coords.add_((m * d.T).sum(1).T)
                 sq.add_((d * d).sum(1) * (a * a).sum(1))
             else:  # positions or repeated calls: the block itself
                 block = torch.empty(b, o * n_in, dtype=dtype, device=device)
