@@ -156,6 +156,9 @@ def test_loop_fallback_matches_vmap(mlp):
             return out
 
     branchy = ik.ClassificationTask(Branchy(task.model))
+    layers = per_example_grads(branchy, (x[:5], y[:5]))  # the layer path does not trace
+    assert torch.allclose(layers, per_example_grads(task, (x[:5], y[:5])), atol=1e-12)
+    branchy._layerwise_off = True  # as for a model outside the layer path
     with pytest.warns(UserWarning, match="falling back"):
         g = per_example_grads(branchy, (x[:5], y[:5]))
     assert torch.allclose(g, per_example_grads(task, (x[:5], y[:5])), atol=1e-12)

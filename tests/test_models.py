@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import influencekit as ik
+from influencekit import layerwise
 from influencekit.autodiff import per_example_grads
 from influencekit.errors import InputError
 from influencekit.models import build
@@ -124,11 +125,17 @@ def test_bert_per_example_grads_vmap_with_mask(bert):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback to the loop would warn
         g = per_example_grads(task, (x, y))
-    flags = task._vmap_ok  # which paths took vmap (keyed by the kind of gradient)
-    assert any(k.startswith("per-example") for k in flags) and all(flags.values())
+    assert list(layerwise.plan(task).ok.values()) == [True]  # every layer has a rule
     one = per_example_grads(task, ({k: v[1:2] for k, v in x.items()}, y[1:2]))
     assert torch.allclose(g[1], one[0], atol=1e-5, rtol=1e-4)
     assert g.shape == (3, task.num_params) and torch.isfinite(g).all()
+    task._layerwise_off = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gv = per_example_grads(task, (x, y))
+    flags = task._vmap_ok  # which paths took vmap (keyed by the kind of gradient)
+    assert any(k.startswith("per-example") for k in flags) and all(flags.values())
+    assert torch.allclose(g, gv, atol=1e-5, rtol=1e-4)
 
 
 def test_bert_missing_package(monkeypatch):

@@ -19,6 +19,7 @@ from torch import nn
 
 import influencekit as ik
 from conftest import rel_error
+from influencekit import layerwise
 from influencekit.autodiff import all_grads
 from influencekit.curvature import (
     Eigensolver,
@@ -167,16 +168,20 @@ def test_sampled_fisher_gram_matrix(mlp):
     assert rel_error(one(torch.eye(p, dtype=torch.float64)), g.T @ g / len(y)) < 1e-12
 
 
-def test_capture_and_vmap_gradients_agree(cnn):
-    """Per-example gradients from captured activations (conv + linear) equal torch.func's."""
+def test_layer_and_vmap_fisher_gradients_agree(cnn):
+    """Fisher gradients from the layer path (conv + linear) equal torch.func's."""
     task, x, y = cnn
     op = FisherGradients(task, (x, y), samples=2, batch_size=5)
-    assert op.sampler.covers_all()
     got = torch.zeros(2, len(y), task.num_params, dtype=torch.float64)
     for g, start, b in op.grad_batches():
         got[:, start:start + b] = g.reshape(2, b, -1)
+    assert layerwise.plan(task).ok == {"vector": True}
     got = got.reshape(2 * len(y), -1)
-    ref = torch.cat([op.grads(b, s) for b, s in [((x, y), 0)]])  # vmap, one batch
+    task._layerwise_off = True  # vmap from here on
+    try:
+        ref = op.grads((x, y), 0).clone()
+    finally:
+        del task._layerwise_off
     assert rel_error(got, ref) < 1e-12
 
 

@@ -3,8 +3,10 @@
 All vectors are flat ``[..., P]`` tensors in the task's parameter layout. Everything streams over
 batches, so the full ``N × P`` gradient matrix is never built unless a caller asks for it.
 
-- :func:`per_example_grads`: ``[B, P]`` by ``vmap(grad)``, with a per-example loop fallback for
-  models that ``vmap`` cannot trace (e.g. data-dependent control flow).
+- :func:`per_example_grads`: ``[B, P]`` from one batched backward with layer captures
+  (:mod:`influencekit.layerwise`) when every selected parameter lies in a covered layer, else by
+  ``vmap(grad)``, with a per-example loop fallback for models that ``vmap`` cannot trace (e.g.
+  data-dependent control flow).
 - :func:`curvature_vp`: Hessian- or GGN-vector products of the *summed* batch loss, for a block of
   vectors at once (forward-over-reverse, with a double-backward fallback).
 - :func:`value_jvps`: directional derivatives of per-example losses/measurements, ``[k, B]``.
@@ -21,6 +23,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from . import layerwise
 from .batching import (
     Batch,
     Data,
@@ -61,24 +64,60 @@ def _try_vmap(task: Task, key: str, fast: Callable[[], torch.Tensor],
 
 
 # --------------------------------------------------------------------------- per-example grads
-def per_example_grads(task: Task, batch: Batch, kind: str = "loss") -> torch.Tensor:
-    """Gradients of each example's loss (``kind="loss"``) or measurement, ``[B, P]``."""
+def per_example_grads(task: Task, batch: Batch, kind: str = "loss", *,
+                      vectors: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+    """Gradients of each example's loss (``kind="loss"``) or measurement, ``[B, P]``; with
+    ``vectors [B, ...]`` (one per example, the outputs' shape), of ``⟨output_n, vectors_n⟩``
+    instead (Jacobian-transpose products; ``kind`` unused).
+
+    When every selected parameter lies in a linear, convolution, normalisation or embedding
+    layer, one batched forward and backward with the layers' inputs and output gradients
+    captured (:mod:`influencekit.layerwise`); otherwise ``vmap(grad)``, and a per-example loop
+    for models ``vmap`` cannot trace.
+
+    ``out``: a ``[≥B, P]`` buffer to write the result into (its first ``B`` rows are returned).
+    Streaming loops pass the same buffer for every batch: a fresh ``[B, P]`` allocation per
+    batch costs page faults that, on the MNIST CNN, took a quarter of the time.
+
+    ``check=False`` skips the NaN/inf check (a pass over ``[B, P]``, 5% of the time here) for
+    callers that check a reduction of the rows that any NaN/inf reaches (norms, products) with
+    :func:`check_grads`."""
     task.check_batch(batch)
     theta = task.theta()
+    if vectors is None:  # the layer path is checked once per value function
+        key = f"{kind}:{id(task.loss_fn if kind == 'loss' else task.measurement_fn)}"
+
+        def value(th: dict[str, torch.Tensor], b: Batch, v: torch.Tensor | None
+                  ) -> torch.Tensor:
+            return task.values(th, b, kind)
+    else:
+        key = "vector"
+        vectors = vectors.to(task.dtype)
+
+        def value(th: dict[str, torch.Tensor], b: Batch, v: torch.Tensor | None
+                  ) -> torch.Tensor:
+            o = output_tensor(task.outputs(th, b))
+            return (o.reshape(o.shape[0], -1) * v.reshape(v.shape[0], -1)).sum(1)
 
     def fast() -> torch.Tensor:
-        def one(th: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
-            return task.values(th, tree_map(lambda t: t.unsqueeze(0), example), kind).sum()
+        def one(th: dict[str, torch.Tensor], example: Batch, v: torch.Tensor | None
+                ) -> torch.Tensor:
+            lift = lambda t: t.unsqueeze(0)  # noqa: E731
+            return value(th, tree_map(lift, example), None if v is None else lift(v)).sum()
 
-        g = vmap(grad(one), in_dims=(None, 0))(theta, batch)
+        g = vmap(grad(one), in_dims=(None, 0, None if vectors is None else 0))(
+            theta, batch, vectors)
         return task.layout.flatten(g, batch_dims=1)
 
-    def slow() -> torch.Tensor:
+    def slow(part: Batch = batch) -> torch.Tensor:
         rows = []
         params = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
-        for i in range(batch_size_of(batch)):
-            value = task.values(params, slice_batch(batch, slice(i, i + 1)), kind).sum()
-            gs = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        for i in range(batch_size_of(part)):
+            v = None if vectors is None else vectors[i:i + 1]
+            with torch.enable_grad():
+                total = value(params, slice_batch(part, slice(i, i + 1)), v).sum()
+            gs = torch.autograd.grad(total, list(params.values()), allow_unused=True)
             rows.append(torch.cat([
                 (torch.zeros_like(p) if g is None else g).reshape(-1)
                 for p, g in zip(params.values(), gs)
@@ -86,25 +125,83 @@ def per_example_grads(task: Task, batch: Batch, kind: str = "loss") -> torch.Ten
         return torch.stack(rows)
 
     with task.evaluating():
-        g = _try_vmap(task, f"per-example {kind} gradients", fast, slow)
-    return check_finite(
-        g.detach(), f"per-example {kind} gradients",
-        "Check the inputs for NaN/inf and the model for overflow (e.g. log of 0).",
-    )
+        rows = None if out is None else out[:batch_size_of(batch)]
+        g = layerwise.checked_grads(
+            task, batch, lambda th, b: value(th, b, vectors), key,
+            lambda b: slow(slice_batch(b, slice(0, 2))), out=rows)
+        if g is None:
+            what = "Jacobian-transpose products" if vectors is not None else f"{kind} gradients"
+            g = _try_vmap(task, f"per-example {what}", fast, slow)
+            if rows is not None:
+                g = rows.copy_(g)
+    g = g.detach()
+    return check_grads(g, kind) if check else g
+
+
+def project_grads(task: Task, batch: Batch, kind: str, basis: torch.Tensor, cache: dict, *,
+                  grads: Callable[[], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G Eᵀ [B, k], ‖g_n‖² [B])``: the per-example gradients ``G`` of :func:`per_example_grads`
+    projected on the rows of ``basis [k, P]`` (the model's dtype), and their squared norms.
+
+    Once the layer path has been checked for this task and kind (on a first batch through
+    :func:`per_example_grads`), without ``[B, P]`` where the layers allow
+    (:func:`influencekit.layerwise.projections`: an ``nn.Linear`` weight contributes
+    ``δᵀ (E_j a)``, saving its gradient block and a third of the projection's time on the MNIST
+    CNN); otherwise from ``grads()`` (default: :func:`per_example_grads`). ``cache``: a dict the
+    caller keeps while the basis is in use (the basis rearranged per layer)."""
+    task.check_batch(batch)
+    key = f"{kind}:{id(task.loss_fn if kind == 'loss' else task.measurement_fn)}"
+    the_plan = None if task.__dict__.get("_layerwise_off") else layerwise.plan(task)
+    if the_plan is not None and the_plan.ok.get(key) is True:
+        if cache.get("plan") is not the_plan or cache.get("basis") is not basis:
+            cache.clear()
+            cache.update(plan=the_plan, basis=basis,
+                         projection=layerwise.Projection(the_plan, basis))
+        with task.evaluating():
+            coords, sq = layerwise.projections(
+                task, cache["projection"], batch, lambda th, b: task.values(th, b, kind))
+        if bool(torch.isfinite(sq.sum() + coords.sum())):
+            return coords, sq
+    g = grads() if grads is not None else per_example_grads(task, batch, kind, check=False)
+    norms = torch.linalg.vector_norm(g, dim=1)
+    check_grads(g, kind, reduced=norms)  # NaN/inf in g reaches its norms
+    return (basis @ g.T).T, norms * norms  # E Gᵀ: 25% faster than G Eᵀ on the MNIST CNN
+
+
+def check_grads(g: torch.Tensor, kind: str = "loss",
+                reduced: torch.Tensor | None = None) -> torch.Tensor:
+    """Raise :class:`~influencekit.errors.NumericalError` if per-example gradients ``g`` hold
+    NaN/inf; with ``reduced`` (norms or products of the rows: NaN/inf in ``g`` reaches them)
+    ``g`` itself is scanned only when ``reduced`` is not finite."""
+    if reduced is not None and bool(torch.isfinite(reduced.sum())):
+        return g
+    return check_finite(g, f"per-example {kind} gradients",
+                        "Check the inputs for NaN/inf and the model for overflow (e.g. log of 0).")
 
 
 def iter_grads(
     task: Task, data: Data, batch_size: int, kind: str = "loss", *,
-    desc: str | None = None, progress: bool | None = None,
+    desc: str | None = None, progress: bool | None = None, reuse: bool = False,
+    check: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """Stream ``[B, P]`` per-example gradients over ``data`` in order."""
+    """Stream ``[B, P]`` per-example gradients over ``data`` in order. ``reuse``: write every
+    batch into one buffer (each yielded tensor is overwritten by the next batch: for loops that
+    consume a batch before asking for the next). ``check``: as for :func:`per_example_grads`."""
     bar = progress_bar(total=num_examples(data), desc=desc or f"{kind} gradients", unit="ex",
                        progress=progress)
+    buffer = grad_buffer(task, min(batch_size, num_examples(data))) if reuse else None
     with bar:
         for batch in iter_batches(data, batch_size):
-            g = per_example_grads(task, to_device(batch, task.device), kind)
+            g = per_example_grads(task, to_device(batch, task.device), kind, out=buffer,
+                                  check=check)
             yield g
             bar.update(g.shape[0])
+
+
+def grad_buffer(task: Task, rows: int) -> torch.Tensor:
+    """An uninitialised ``[rows, P]`` buffer for :func:`per_example_grads`'s ``out``."""
+    return torch.empty(rows, task.num_params, dtype=task.dtype, device=task.device)
 
 
 def all_grads(task: Task, data: Data, batch_size: int = 64, kind: str = "loss",

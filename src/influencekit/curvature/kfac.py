@@ -395,35 +395,6 @@ class KroneckerCurvature:
                 start += b
                 bar.update(b)
 
-    def covers_all(self) -> bool:
-        """Whether every selected parameter lies in a linear or conv layer factored here (so
-        :meth:`example_grads` can build per-example gradients from the captures)."""
-        return not self.fallback and all(layer.kind != "embedding" for layer in self.layers)
-
-    def example_grads(self, data: Data) -> Iterator[tuple[torch.Tensor, int]]:
-        """Per batch of ``B`` examples, ``([K·B, P], B)``: per-example gradients ``√w_k Jᵀ v_k``
-        of the drawn output vectors (draw-major), as ``Σ_t g_t a_tᵀ`` per layer from the
-        captured activations and output gradients (one batched forward, one backward per
-        draw). Needs :meth:`covers_all`."""
-        if not self.covers_all():
-            raise InputError("example_grads needs every selected parameter in a linear or "
-                             "conv layer; use per-example autodiff for the others.")
-        p = self.task.num_params
-        with torch.no_grad():
-            for cap, grads, w, _v, batch in self._passes(data, "per-example gradients"):
-                acts = [cap.activations(i) if cap.acts[i] else None
-                        for i in range(len(self.layers))]
-                rows = []
-                for wk, gk in zip(w, grads):
-                    b = next(g.shape[0] for g in gk if g is not None)
-                    out = (torch.empty if all(a is not None for a in acts) else torch.zeros)(
-                        b, p, dtype=self.task.dtype, device=self.task.device)
-                    for layer, a, g in zip(self.layers, acts, gk):
-                        if a is not None:
-                            self._unblock(out, torch.einsum("bto,bti->boi", g, a), layer)
-                    rows.append(out if float(wk) == 1.0 else out.mul_(float(wk) ** 0.5))
-                yield torch.cat(rows), batch_size_of(batch)
-
     def _fallback_sq(self, batch: Batch, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``Σ_n Σ_k w_k (∂⟨v_k, o_n⟩/∂θ)²`` over the fallback parameters (float64)."""
         task = self.task

@@ -31,18 +31,15 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
-from torch.func import grad, vmap
 
-from ..autodiff import _try_vmap
+from ..autodiff import per_example_grads
 from ..batching import (
     Batch,
     Data,
     batch_size_of,
     iter_batches,
     num_examples,
-    slice_batch,
     to_device,
-    tree_map,
 )
 from ..errors import InputError, check_finite
 from ..progress import progress_bar
@@ -52,6 +49,7 @@ from .kfac import KroneckerCurvature
 from .spectral import Eigenpairs
 
 BlockOp = Callable[[torch.Tensor], torch.Tensor]
+_FLUSH = 1024  # examples summed in the model's precision before the float64 total
 
 
 def release_memory() -> None:
@@ -175,17 +173,13 @@ class FisherGradients:
         self.batch_size = positive_int("batch_size", batch_size)
         self.progress = progress
         self.passes = 0
+        self._buffer: torch.Tensor | None = None
 
     def grad_batches(self) -> Iterator[tuple[torch.Tensor, int, int]]:
         """Per batch: ``[K·B, P]`` gradients ``√w_k J_iᵀ v_{k,i}`` (draw-major), the index of
-        its first example and ``B``. From the layers' captured activations and output
-        gradients when every parameter is in a linear or conv layer, else by vmap."""
+        its first example and ``B``. The rows live in one buffer reused for every batch
+        (consume them before asking for the next)."""
         start = 0
-        if self.sampler.covers_all():
-            for g, b in self.sampler.example_grads(self.data):
-                yield g, start, b
-                start += b
-            return
         for batch in iter_batches(self.data, self.batch_size):
             batch = to_device(batch, self.task.device)
             b = batch_size_of(batch)
@@ -193,47 +187,48 @@ class FisherGradients:
             start += b
 
     def grads(self, batch: Batch, start: int) -> torch.Tensor:
-        """``[K·B, P]`` by vmap: ``√w_k J_iᵀ v_{k,i}`` for the examples ``start, …``."""
+        """``[K·B, P]``: ``√w_k J_iᵀ v_{k,i}`` for the examples ``start, …`` by
+        :func:`~influencekit.autodiff.per_example_grads` (one batched backward per draw when
+        the model's layers allow, else vmap)."""
         task = self.task
         task.check_batch(batch)
-        theta = task.theta()
-        with task.evaluating():
-            with torch.no_grad():
-                o = output_tensor(task.outputs(theta, batch))
-            v, w = self.sampler.output_vectors(o, batch, start)
-            v = v.reshape(v.shape[0], v.shape[1], -1).to(o.dtype)
+        with task.evaluating(), torch.no_grad():
+            o = output_tensor(task.outputs(task.theta(), batch))
+        v, w = self.sampler.output_vectors(o, batch, start)
+        b = batch_size_of(batch)
+        rows = len(v) * b
+        if self._buffer is None or self._buffer.shape[0] < rows:
+            self._buffer = torch.empty(rows, task.num_params, dtype=task.dtype,
+                                       device=task.device)  # the first batch is the largest
+        for k, (vk, wk) in enumerate(zip(v, w, strict=True)):
+            g = per_example_grads(task, batch, vectors=vk.to(o.dtype),  # NaN/inf: caught in
+                                  out=self._buffer[k * b:(k + 1) * b], check=False)  # the pass
+            if float(wk) != 1.0:
+                g.mul_(math.sqrt(float(wk)))
+        return self._buffer[:rows]
 
-            def one(th: dict[str, torch.Tensor], example: Batch, vk: torch.Tensor
-                    ) -> torch.Tensor:
-                ex = tree_map(lambda t: t.unsqueeze(0), example)
-                return (output_tensor(task.outputs(th, ex)).reshape(-1) * vk).sum()
-
-            def fast(vk: torch.Tensor) -> torch.Tensor:
-                g = vmap(grad(one), in_dims=(None, 0, 0))(theta, batch, vk)
-                return task.layout.flatten(g, batch_dims=1)
-
-            def slow(vk: torch.Tensor) -> torch.Tensor:
-                return torch.stack([task.layout.flatten(grad(one)(
-                    theta, tree_map(lambda t: t[0], slice_batch(batch, slice(i, i + 1))), vk[i]))
-                    for i in range(batch_size_of(batch))])
-
-            rows = [_try_vmap(task, "Fisher gradients", lambda vk=vk: fast(vk),
-                              lambda vk=vk: slow(vk)) * math.sqrt(float(wk))
-                    for vk, wk in zip(v, w, strict=True)]
-        return check_finite(torch.cat(rows).detach(), "per-example Fisher gradients",
-                            "Check the inputs for NaN/inf and the model for overflow.")
-
-    def _pass(self, block: Callable[[torch.Tensor, int, int], torch.Tensor],
+    def _pass(self, left: Callable[[torch.Tensor, int, int], torch.Tensor],
               shape: tuple[int, int]) -> torch.Tensor:
+        """``(1/N) Σ_batches L_b G_b``, ``L_b = left(G_b, start, B)`` ``[k, K·B]``: one in-place
+        GEMM per batch into an accumulator in the model's precision, added into the float64
+        total every ``_FLUSH`` examples (a ``[k, P]`` product, float64 copy and add per batch
+        cost as much as the GEMM itself on the MNIST CNN)."""
         total = torch.zeros(shape, dtype=torch.float64, device=self.task.device)
+        acc = torch.zeros(shape, dtype=self.task.dtype, device=self.task.device)
         bar = progress_bar(total=self.n, desc=f"Fisher pass {self.passes + 1}", unit="ex",
                            leave=False, progress=self.progress)
+        pending = 0
         with bar:
             for g, start, b in self.grad_batches():
-                total += block(g, start, b).to(torch.float64)
-                del g
-                release_memory()
+                acc.addmm_(left(g, start, b), g)
+                pending += b
+                if pending >= _FLUSH:
+                    total += acc
+                    acc.zero_()
+                    pending = 0
                 bar.update(b)
+        total += acc
+        self._buffer = None
         self.passes += 1
         return total / self.n
 
@@ -243,19 +238,19 @@ class FisherGradients:
         block in the range of ``F`` for one matrix product per example (the first pass)."""
         omega: dict[int, torch.Tensor] = {}
 
-        def block(g: torch.Tensor, start: int, b: int) -> torch.Tensor:
-            out = 0
-            for d, gd in enumerate(g.reshape(-1, b, g.shape[1])):
+        def left(g: torch.Tensor, start: int, b: int) -> torch.Tensor:
+            parts = []
+            for d in range(g.shape[0] // b):
                 if d not in omega:
                     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919 + d)
                     omega[d] = torch.randn(self.n, k, generator=gen, dtype=g.dtype)
-                out = out + omega[d][start:start + b].to(g.device).T @ gd
-            return out
+                parts.append(omega[d][start:start + b])
+            return torch.cat(parts).to(g.device).T
 
-        return self._pass(block, (k, self.task.num_params))
+        return self._pass(left, (k, self.task.num_params))
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
         """``F qᵢ`` for each row of ``q [k, P]`` (float64), one pass over the data."""
         qf = q.to(self.task.device, self.task.dtype)
-        return self._pass(lambda g, start, b: (g @ qf.T).T @ g, tuple(q.shape))
+        return self._pass(lambda g, start, b: (g @ qf.T).T, tuple(q.shape))
 

@@ -143,7 +143,7 @@ def project(task: Task, pool: Data, queries: Batch, bases: dict[str, torch.Tenso
 
     def coords(data: Data, kind: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         out, norms = [], []
-        for g in iter_grads(task, data, batch_size, kind, progress=progress):
+        for g in iter_grads(task, data, batch_size, kind, progress=progress, reuse=True):
             out.append((g.to(task.dtype) @ stacked.T).double().cpu())
             norms.append(g.double().norm(dim=1).cpu())
         c = torch.cat(out)

@@ -42,12 +42,11 @@ from typing import Any
 
 import torch
 
-from ..autodiff import CURVATURES, per_example_grads, value_jvps
-from ..batching import Batch, Data, batch_size_of, iter_batches, num_examples, to_device
+from ..autodiff import CURVATURES, project_grads, value_jvps
+from ..batching import Batch, Data, batch_size_of
 from ..curvature import Eigenpairs, Eigensolver, SpectralFilter, as_filter, curvature_eigenpairs
 from ..curvature.randomized import release_memory
 from ..errors import CurvatureError, InputError
-from ..progress import progress_bar
 from ..store import fingerprint, tensor_fingerprint
 from ..task import Task
 from ..validate import choice, optional_positive_int, positive_int
@@ -208,40 +207,40 @@ class ArnoldiInfluence(Estimator):
         projected by JVPs) or ``sketch`` (CountSketch of the complement)."""
         e = self.eigen.vectors
         if self._sketching():
-            g = per_example_grads(self.task, batch, kind)
-            coords = g @ e.T.to(g.dtype)
-            resid = (g - coords @ e.to(g.dtype)).to(torch.float64)
+            g = self._grads(batch, kind)
+            ec = self._basis(g.dtype)
+            coords = (ec @ g.T).T
+            resid = (g - coords @ ec).to(torch.float64)
             bucket, sign = (t.to(g.device) for t in self._sketch_hash())
             sk = torch.zeros(g.shape[0], self.sketch, dtype=torch.float64, device=g.device)
             out = {"G": coords, "sketch": sk.index_add_(1, bucket, resid * sign)}
-            del g, resid
+            del resid
             release_memory()
             return out
         if self._method(batch) == "jvp":
             proj = value_jvps(self.task, batch, e, kind).T
             return {"G": proj, "sqnorm": torch.full((proj.shape[0],), float("nan"),
                                                     dtype=torch.float64)}
-        g = per_example_grads(self.task, batch, kind)
-        out = {"G": g @ e.T.to(g.dtype), "sqnorm": (g * g).sum(1, dtype=torch.float64)}
-        del g
-        release_memory()
-        return out
+        coords, sq = project_grads(
+            self.task, batch, kind, self._basis(self.task.dtype),
+            self.__dict__.setdefault("_projection", {}),
+            grads=lambda: self._grads(batch, kind, check=False))  # one reused buffer
+        return {"G": coords, "sqnorm": sq.to(torch.float64)}
 
-    def _score_gradients(self, q: torch.Tensor, train: Data) -> torch.Tensor:
-        """The complement path: ``q [k, P]`` against every training gradient, streamed (the
-        base's loop, with products in the model's precision and the heap trimmed)."""
-        cols = []
-        n = num_examples(train)
-        q = q.to(self.task.dtype)  # products in the model's precision (float32: 2× faster)
-        bar = progress_bar(total=n, desc="train gradients", unit="ex", progress=self.progress)
-        with bar:
-            for batch in iter_batches(train, self.batch_size):
-                g = per_example_grads(self.task, to_device(batch, self.task.device), "loss")
-                cols.append((q @ g.T).to(torch.float64).cpu())
-                bar.update(g.shape[0])
-                del g
-                release_memory()
-        return torch.cat(cols, 1)
+    def _drop_scratch(self) -> None:
+        super()._drop_scratch()
+        self.__dict__.pop("_basis_cast", None)
+        self.__dict__.pop("_projection", None)
+
+    def _basis(self, dtype: torch.dtype) -> torch.Tensor:
+        """The eigenvectors ``[rank, P]`` in ``dtype``, cast once (not once per batch: 5% of
+        a projection pass on the MNIST CNN)."""
+        e = self.eigen.vectors
+        cached = self.__dict__.get("_basis_cast")
+        if cached is None or cached[0] is not e or cached[1].dtype != dtype:
+            cached = (e, e.to(dtype).contiguous())
+            self._basis_cast = cached
+        return cached[1]
 
     def score_features(self, q: Features, t: Features) -> torch.Tensor:
         f, c = self.spectral_filter()

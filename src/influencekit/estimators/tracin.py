@@ -336,8 +336,9 @@ class CheckpointEstimator(Estimator):
         return self._projector
 
     def _project(self, g: torch.Tensor) -> torch.Tensor:
+        """``g R`` (a new tensor: ``g`` may be the reused gradient buffer)."""
         proj = self.projector()
-        return g if proj is None else proj(g)
+        return g.clone() if proj is None else proj(g)
 
     def task_at(self, i: int) -> Task:
         """The task evaluated at state ``i`` (a private model copy; the user's is untouched)."""
@@ -456,7 +457,7 @@ class TracIn(CheckpointEstimator):
 
     def features(self, batch: Batch, kind: str) -> Features:
         """``g{t}``: projected gradients at checkpoint ``t`` ([B, k] each)."""
-        return {f"g{t}": self._project(per_example_grads(self.task_at(t), batch, kind))
+        return {f"g{t}": self._project(self._grads(batch, kind, task=self.task_at(t)))
                 for t in range(self.num_states)}
 
     def score_features(self, q: Features, t: Features) -> torch.Tensor:
@@ -494,7 +495,8 @@ class TracIn(CheckpointEstimator):
     def _stream(self, task: Task, q: torch.Tensor, train: Data) -> torch.Tensor:
         return torch.cat([(q @ g.to(torch.float64).T).cpu()
                           for g in iter_grads(task, train, self.batch_size, "loss",
-                                              desc="train gradients", progress=self.progress)],
+                                              desc="train gradients", progress=self.progress,
+                                              reuse=True)],
                          1)
 
     def self_influence(self, train: Data | None = None) -> torch.Tensor:
@@ -506,7 +508,7 @@ class TracIn(CheckpointEstimator):
         for i, lr in enumerate(self.learning_rates):
             part = lr * torch.cat([(g.to(torch.float64) ** 2).sum(1).cpu() for g in iter_grads(
                 self.task_at(i), train, self.batch_size, "loss", desc="self-influence",
-                progress=self.progress)])
+                progress=self.progress, reuse=True)])
             total = part if total is None else total + part
         return total.to(self._out_dtype())
 

@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 
-from ..autodiff import per_example_grads
 from ..batching import Batch, Data
 from ..errors import CurvatureError, InputError
 from ..task import Task, cross_entropy, margin_loss
@@ -165,16 +164,16 @@ class TRAKInfluence(CheckpointEstimator):
         for m in range(self.num_states):
             task = self.task_at(m)
             if kind == "measurement":
-                out[f"phi{m}"] = self._project(per_example_grads(task, batch, "measurement"))
+                out[f"phi{m}"] = self._project(self._grads(batch, "measurement", task=task))
             elif self.output == "margin":
                 margin = copy.copy(task)
                 margin.measurement_fn = _margin
-                out[f"phi{m}"] = self._project(per_example_grads(margin, batch, "measurement"))
+                out[f"phi{m}"] = self._project(self._grads(batch, "measurement", task=margin))
                 with torch.no_grad(), task.evaluating():
                     loss = task.losses(task.theta(), batch)
                 out[f"c{m}"] = torch.expm1(-loss.to(torch.float64))  # −(1 − p)
             else:
-                g = self._project(per_example_grads(task, batch, "loss"))
+                g = self._project(self._grads(batch, "loss", task=task))
                 out[f"phi{m}"] = g
                 out[f"c{m}"] = torch.ones(g.shape[0], dtype=torch.float64, device=g.device)
         return out
