@@ -194,7 +194,8 @@ def main() -> None:
                     row: dict = {}
                     with measured(row, "query"):
                         est = ik.TRAKInfluence(task_m, projection_dim=args.trak_dim, output=o,
-                                               damping=d, store=args.out / "trak-store")
+                                               damping=d,
+                                               store=args.out / "trak-store" / f"{o}-m{m}")
                         s = est.fit(w["train"]).scores(w["queries"])
                     torch.save(s, f)
                     members[key].append(s)
