@@ -79,14 +79,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from influencekit import models as ikmodels
+    from peer_workload import load_workload
+
     from influencekit.profiling import peak_memory
 
-    model = ikmodels.build("cnn")
-    model.load_state_dict(torch.load(args.model)["state"])
-    model.eval()
-    w = torch.load(args.workload)
-    train, queries = w["train"], w["queries"]
+    model, train, queries = load_workload(args.model, args.workload)
     hess = (train[0][:args.hessian], train[1][:args.hessian])
 
     with peak_memory(interval=0.02) as mem:

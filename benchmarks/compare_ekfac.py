@@ -39,8 +39,8 @@ def main() -> None:
     from kronfluence import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
+    from peer_workload import load_workload
 
-    from influencekit import models as ikmodels
     from influencekit.profiling import peak_memory
 
     class CE(Task):
@@ -56,11 +56,8 @@ def main() -> None:
             x, y = batch
             return F.cross_entropy(model(x), y, reduction="sum")
 
-    model = ikmodels.build("cnn")
-    model.load_state_dict(torch.load(args.model)["state"])
-    model.eval()
-    w = torch.load(args.workload)
-    train, queries = TensorDataset(*w["train"]), TensorDataset(*w["queries"])
+    model, train, queries = load_workload(args.model, args.workload)
+    train, queries = TensorDataset(*train), TensorDataset(*queries)
     task = CE()
     with tempfile.TemporaryDirectory() as d, peak_memory(interval=0.02) as mem:
         t0 = time.perf_counter()

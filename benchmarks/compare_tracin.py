@@ -31,15 +31,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from captum.influence import TracInCP
+    from peer_workload import load_workload
 
-    from influencekit import models as ikmodels
     from influencekit.profiling import peak_memory
 
-    model = ikmodels.build("cnn")
-    model.load_state_dict(torch.load(args.model)["state"])
-    model.eval()
-    w = torch.load(args.workload)
-    (x, y), (xq, yq) = w["train"], w["queries"]
+    model, (x, y), (xq, yq) = load_workload(args.model, args.workload)
 
     times, peak, scores = [], 0.0, None
     for _ in range(args.repeats):
