@@ -284,6 +284,22 @@ def test_nan_gradients_still_raise_where_the_check_is_on_reductions():
         est.features(data, "loss")
 
 
+def test_a_nan_first_batch_does_not_switch_the_layer_path_off():
+    """Non-finite gradients on the checked batch leave the check undecided (the caller's
+    finiteness check reports them); the next clean batch is checked and uses the layer path."""
+    torch.manual_seed(11)
+    task = ik.ClassificationTask(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "disagree with autograd" warning
+        with pytest.raises(ik.NumericalError):
+            per_example_grads(task, (bad, y))
+        fast, ref = both(task, (x, y))
+    assert rel(fast, ref) < 1e-5
+
+
 # ----------------------------------------------------------------------------- projections
 def _projection_models():
     torch.manual_seed(10)
