@@ -39,7 +39,7 @@ def main() -> None:
     from kronfluence import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
-    from peer_workload import load_workload
+    from peer_workload import load_workload, save_result
 
     from influencekit.profiling import peak_memory
 
@@ -74,9 +74,7 @@ def main() -> None:
             score_args=ScoreArguments(damping_factor=args.damping), overwrite_output_dir=True)
         scores = analyzer.load_pairwise_scores("s")["all_modules"]
         total = time.perf_counter() - t0
-    scores = torch.as_tensor(scores).detach().double().cpu()
-    torch.save({"scores": scores, "total_s": total, "fit_s": t_fit, "peak_mb": mem["peak_mb"]},
-               args.out)
+    scores = save_result(args.out, scores, total, t_fit, mem["peak_mb"])
     print(f"kronfluence ekfac: {total:.1f} s (factors {t_fit:.1f} s), scores "
           f"{tuple(scores.shape)}")
 
