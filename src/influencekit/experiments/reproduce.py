@@ -25,12 +25,12 @@ one torch thread, are in benchmarks/RESULTS.md):
 
   quick   (under 10 minutes on 2 CPU cores) every study on the digits MLP; the mnist ResNet
           in models, spectrum and gallery
-  paper   (≈ 80 minutes on 2 idle cores, estimated from its runs; not yet timed whole) the full
-          estimator table, and dynamics, correction and diagnostics on each built-in default:
-          the MLP on digits (full sizes), the ResNet on mnist and MiniLM-BERT (last layer +
-          head) on rotten_tomatoes (``--quick`` sizes of ``dynamics`` and ``diagnose``, which
-          share their start point; correction on a briefly trained model, fewer queries and
-          budgets than benchmarks/RESULTS.md's tables)
+  paper   (26 min 45 s measured on 2 idle cores) the full estimator table, and dynamics,
+          correction and diagnostics on each built-in default: the MLP on digits (full sizes),
+          the ResNet on mnist and MiniLM-BERT (last layer + head) on rotten_tomatoes
+          (``--quick`` sizes of ``dynamics`` and ``diagnose``, which share their start point;
+          correction on a briefly trained model, fewer queries and budgets than
+          benchmarks/RESULTS.md's tables)
   tiny    (seconds; for tests) the digits MLP and a CNN on mnist at minuscule sizes
 
 Writes ``OUT/results.json`` and ``OUT/index.html`` (self-contained: figures inline), and each
