@@ -52,7 +52,11 @@ VARIANTS: dict[str, dict] = {
     "complement": {"filter": "complement"},
     "horizon": {"filter": "horizon"},
     "horizon-nocomp": {"filter": ik.HorizonFilter(complement=False)},
+    "stream": {"sketch": None},  # the exact complement streamed per query chunk (old default)
     "sketch4096": {"sketch": 4096},
+    "sketch8192": {"sketch": 8192},
+    "sketch16384": {"sketch": 16384},
+    "sketch32768": {"sketch": 32768},
     "hessian-arnoldi": {"curvature": "hessian"},
     "ggn-arnoldi": {"solver": ik.Eigensolver(method="arnoldi")},
 }

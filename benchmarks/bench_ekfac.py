@@ -48,6 +48,8 @@ def kronfluence(args: argparse.Namespace, w: dict, empirical: bool) -> dict:
     cmd = [args.compare_python, str(HERE / "compare_ekfac.py"), "--model", w["model_path"],
            "--workload", str(args.out / "workload.pt"), "--out", str(out), "--damping",
            str(args.damping), "--threads", str(args.threads)] + (["--empirical"] * empirical)
+    if getattr(args, "kf_seed", None) is not None:
+        cmd += ["--seed", str(args.kf_seed)]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
     t0 = time.perf_counter()
     try:

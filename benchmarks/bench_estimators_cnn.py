@@ -86,6 +86,12 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list: ekfac,kfac,kronfluence,tracin,"
                     "trak,margin,graddot")
     ap.add_argument("--reuse", action="store_true", help="skip rows whose scores are saved")
+    ap.add_argument("--ekfac-samples", type=int, default=1,
+                    help="label draws per example for our EK-FAC/K-FAC (rows tagged ×S if > 1)")
+    ap.add_argument("--label-seeds", default=None,
+                    help="comma list: fit EK-FAC/K-FAC (our seed=) and kronfluence "
+                    "(torch.manual_seed) once per seed of the drawn labels; rows named "
+                    "'… seed=S λ=…' (default: one fit, our seed 0, kronfluence unseeded)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.threads = 1
@@ -118,32 +124,40 @@ def main() -> None:
         return False
 
     # ---- EK-FAC / K-FAC: fit once, every damping rescored (damping only enters the queries)
+    label_seeds = ([None] if args.label_seeds is None
+                   else [int(x) for x in args.label_seeds.split(",")])
+
+    def tag(seed: int | None, ours: bool = False) -> str:
+        draws = f" ×{args.ekfac_samples}" if ours and args.ekfac_samples > 1 else ""
+        return draws + ("" if seed is None else f" seed={seed}")
+
     for cls, key in ((EKFACInfluence, "ekfac"), (KFACInfluence, "kfac")):
-        if key in skip or all(reused(f"{key} λ={d:g}") for d in dampings):
-            continue
-        est = cls(task, damping=dampings[0])
-        fit: dict = {}
-        with measured(fit, "fit"):
-            est.fit(w["train"])
-        fit.update({f"{k}_s": v for k, v in est.timings.items()})
-        for d in dampings:
-            est.damping = d
-            row = dict(fit)
-            with measured(row, "query"):
-                scores = est.scores(w["queries"])
-            row["total_s"] = row["fit_s"] + row["query_s"]
-            record(f"{key} λ={d:g}", scores, row)
+        for seed in label_seeds:
+            if key in skip or all(reused(f"{key}{tag(seed, True)} λ={d:g}") for d in dampings):
+                continue
+            est = cls(task, damping=dampings[0], seed=seed or 0, samples=args.ekfac_samples)
+            fit: dict = {}
+            with measured(fit, "fit"):
+                est.fit(w["train"])
+            fit.update({f"{k}_s": v for k, v in est.timings.items()})
+            for d in dampings:
+                est.damping = d
+                row = dict(fit)
+                with measured(row, "query"):
+                    scores = est.scores(w["queries"])
+                row["total_s"] = row["fit_s"] + row["query_s"]
+                record(f"{key}{tag(seed, True)} λ={d:g}", scores, row)
 
     # ---- kronfluence EK-FAC, same run, same dampings
     if args.compare_python and "kronfluence" not in skip:
         from bench_ekfac import kronfluence
 
         torch.save({"train": w["train"], "queries": w["queries"]}, args.out / "workload.pt")
-        for d in dampings:
-            name = f"kronfluence-ekfac λ={d:g}"
+        for seed, d in ((seed, d) for seed in label_seeds for d in dampings):
+            name = f"kronfluence-ekfac{tag(seed)} λ={d:g}"
             if reused(name):
                 continue
-            args.damping = d
+            args.damping, args.kf_seed = d, seed
             kf = kronfluence(args, w, empirical=False)
             row = {k: v for k, v in kf.items() if k != "scores"}
             if "scores" in kf:

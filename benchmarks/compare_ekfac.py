@@ -33,8 +33,13 @@ def main() -> None:
     ap.add_argument("--empirical", action="store_true")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=None,
+                    help="torch.manual_seed before fitting (the labels kronfluence draws); "
+                    "default: torch's fixed start-up seed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
 
     from kronfluence import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments

@@ -423,6 +423,62 @@ def test_sketched_complement_converges_to_exact_and_stays_consistent(tiny, tmp_p
         ik.ArnoldiInfluence(task, sketch=0)
 
 
+class _Mixed(nn.Module):
+    """conv (a block in the rest) → Linear once per example (factored) → Linear over two
+    positions (a block) → head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.once = nn.Linear(12, 6)
+        self.twice = nn.Linear(3, 3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.once(torch.tanh(self.conv(x)).flatten(1)))
+        return self.head(torch.tanh(self.twice(h.view(-1, 2, 3))).flatten(1))
+
+
+@pytest.mark.parametrize("layer_path", [True, False])
+def test_default_complement_is_exact_from_the_store(tmp_path, layer_path):
+    """sketch="auto" (default) stores the gradients in factored form: the scores equal the
+    streamed exact complement (sketch=None) to 1e-10, queries read the store only, the
+    self-influence is the diagonal of the scores, and a stored run is reused bit for bit. Over
+    the per-example budget it falls back to a CountSketch of that size."""
+    torch.manual_seed(0)
+    task = ik.ClassificationTask(_Mixed().double())
+    task._layerwise_off = not layer_path
+    x = torch.randn(40, 2, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    kw = dict(rank=5, damping=0.01)
+    exact = ik.ArnoldiInfluence(task, sketch=None, **kw).fit((x, y))
+    assert exact.complement == "stream" and not exact.scores_from_features()
+    est = ik.ArnoldiInfluence(task, store=tmp_path, **kw).fit((x, y))
+    assert est.complement == "exact" and est.scores_from_features()
+    keys = set(next(iter(est.train_features())))
+    parts = {k for k in keys if k.startswith("dot.")}
+    assert (parts == {"dot.rest"}) == (not layer_path)
+    if layer_path:  # `once` factored (12 + 6 numbers, not 72), `twice` a block
+        assert {"dot.in1", "dot.out1", "dot.block2"} <= parts
+        assert est._exact_width < task.num_params
+    q = (x[:6], y[:6])
+    assert rel_error(est.scores(q), exact.scores(q)) < 1e-10
+    assert rel_error(est.self_influence(), torch.diag(est.scores((x, y)))) < 1e-10
+    again = ik.ArnoldiInfluence(task, store=tmp_path, **kw).fit((x, y))
+    assert torch.equal(again.scores(q), est.scores(q))
+    import influencekit.estimators.arnoldi as arn
+
+    small = arn._EXACT_VALUES
+    try:
+        arn._EXACT_VALUES = 8  # below one example's width: a sketch of that size
+        over = ik.ArnoldiInfluence(task, **kw).fit((x, y))
+    finally:
+        arn._EXACT_VALUES = small
+    assert over.complement == "sketch" and over.sketch_dim == 8
+    err = rel_error(over.scores(q), exact.scores(q))
+    assert 1e-6 < err < 2
+
+
 def test_store_refuses_a_changed_loss_or_architecture(tmp_path):
     """The reliability issue's worst case: a stored eigenbasis reused after the loss (label
     smoothing) or the architecture (Tanh → ReLU, same state_dict) changed gave scores off by

@@ -341,3 +341,26 @@ def test_projections_without_the_gradient_matrix(name):
         assert "projection" in cache  # the layer projections, not g @ basis
         assert rel(coords, g @ basis.T) < 1e-10
         assert rel(sq, (g * g).sum(1)) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["conv", "twice+positions", "embedding"])
+def test_factored_gradients_give_exact_inner_products(name):
+    """The parts kept by the projections (Linear factors, blocks, the rest) give ⟨g_q, g_x⟩
+    exactly, between two different batches too; without the layer path, the rest is G."""
+    from influencekit.autodiff import project_grads
+
+    task, (x, y) = _projection_models()[name]
+    basis = torch.randn(4, task.num_params, dtype=torch.float64)
+    g = per_example_grads(task, (x, y))
+    for off in (False, True):
+        task._layerwise_off = off
+        q, t = {}, {}
+        project_grads(task, (x[:2], y[:2]), "loss", basis, {}, parts=q)
+        project_grads(task, (x, y), "loss", basis, {}, parts=t)
+        assert (set(q) == {"rest"}) == off
+        width = sum(v[0].numel() for v in t.values())
+        assert width <= task.num_params if not off else width == task.num_params
+        assert rel(layerwise.gradient_dots(q, t), g[:2] @ g.T) < 1e-10
+    del task._layerwise_off
+    with pytest.raises(ValueError, match="differ"):
+        layerwise.gradient_dots({"rest": g}, {"in0": g, "out0": g, "rest": g})

@@ -251,12 +251,19 @@ class Projection:
         self.rest_size = start
 
 
-def projections(task: Any, proj: Projection, batch: Batch, value: ValueFn
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(G Eᵀ [B, k], ‖g‖² [B])`` of the per-example gradients ``G`` without ``[B, P]``: a
-    Linear weight applied once per example contributes ``δᵀ (E_j a)`` and ``‖δ‖² ‖a‖²``, every
-    other block is written into a ``[B, P_rest]`` buffer and projected."""
+def projections(task: Any, proj: Projection, batch: Batch, value: ValueFn, *,
+                keep: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """``(G Eᵀ [B, k], ‖g‖² [B], parts)`` of the per-example gradients ``G`` without
+    ``[B, P]``: a Linear weight applied once per example contributes ``δᵀ (E_j a)`` and
+    ``‖δ‖² ‖a‖²``, every other block is written into a ``[B, P_rest]`` buffer and projected.
+
+    ``keep``: ``parts`` also holds the gradients themselves in factored form, from which
+    :func:`gradient_dots` gives exact ``⟨g_q, g_x⟩`` (``None`` otherwise): ``in<i>``/``out<i>``
+    (``a``, ``δ``) for such a Linear weight, ``block<i>`` for one applied at several positions,
+    ``rest`` for the other columns."""
     b, calls = _captured(task, proj.plan, batch, value)
+    parts: dict[str, torch.Tensor] | None = {} if keep else None
     dtype, device = task.dtype, task.device
     compact = (torch.zeros if proj.plan.needs_zero else torch.empty)(
         b, proj.rest_size, dtype=dtype, device=device)
@@ -265,24 +272,53 @@ def projections(task: Any, proj: Projection, batch: Batch, value: ValueFn
     with torch.no_grad():
         for i, (layer, layer_calls) in enumerate(zip(proj.plan.layers, calls)):
             _write(compact, proj.compact[i], layer_calls, b)
-            if i not in proj.direct or not layer_calls:
+            if i not in proj.direct:
                 continue
             o, n_in = layer.module.weight.shape
+            if not layer_calls:  # not reached: a zero gradient
+                if parts is not None:
+                    parts[f"in{i}"] = torch.zeros(b, n_in, dtype=dtype, device=device)
+                    parts[f"out{i}"] = torch.zeros(b, o, dtype=dtype, device=device)
+                continue
             a, d = layer_calls[0]
             if len(layer_calls) == 1 and a.numel() == b * n_in:  # one position per example
                 a, d = a.reshape(b, n_in), d.reshape(b, o).to(dtype)
                 m = (proj.direct[i].T @ a.T).view(proj.k, o, b)  # E_j a (this order: faster)
                 coords.add_((m * d.T).sum(1).T)
                 sq.add_((d * d).sum(1) * (a * a).sum(1))
+                if parts is not None:
+                    parts[f"in{i}"], parts[f"out{i}"] = a.to(dtype), d
             else:  # positions or repeated calls: the block itself
                 block = torch.empty(b, o * n_in, dtype=dtype, device=device)
                 _write(block, Layer(layer.name, layer.module, slice(0, o * n_in), None),
                        layer_calls, b)
                 coords.addmm_(block, proj.basis[:, layer.weight].T)
                 sq.add_((block * block).sum(1))
+                if parts is not None:
+                    parts[f"block{i}"] = block
         coords.addmm_(compact, proj.rest.T)
         sq.add_((compact * compact).sum(1))
-    return coords, sq
+    if parts is not None:
+        parts["rest"] = compact
+    return coords, sq, parts
+
+
+def gradient_dots(q: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``⟨g_q, g_x⟩ [Q, N]`` (float64) from the ``parts`` of :func:`projections` (or any dict
+    whose ``in<i>``/``out<i>`` pairs are Linear factors and whose other keys are gradient
+    columns): ``Σ_i (δ_q·δ_x)(a_q·a_x) + Σ_blocks g_q·g_x``. Keys present on one side only
+    (a layer applied at several positions in one batch and at one in the other) refuse."""
+    if set(q) != set(t):
+        raise ValueError(f"gradient parts differ: {sorted(set(q) ^ set(t))}")
+    out = None
+    for key in q:
+        if key.startswith("out"):
+            continue
+        prod = (q[key] @ t[key].T).to(torch.float64)
+        if key.startswith("in"):
+            prod *= (q["out" + key[2:]] @ t["out" + key[2:]].T).to(torch.float64)
+        out = prod if out is None else out.add_(prod)
+    return out
 
 
 def _block(out: torch.Tensor, cols: slice, shape: tuple[int, ...]) -> torch.Tensor:
