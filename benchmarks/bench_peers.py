@@ -2,10 +2,11 @@
 same run, one torch thread, runs interleaved (ours, pyDVL, ours, pyDVL, …; medians reported):
 
 - ``ExactInfluence(task, damping=λ)`` vs pyDVL ``DirectInfluence(regularization=λ)``;
-- ``CGInfluence(task, damping=λ, tol, max_iter)`` vs pyDVL ``CgInfluence`` (per-query CG, and
-  with ``--pydvl-block`` its block CG too), same iteration cap, absolute tolerance matched to our
-  relative one (pyDVL stops a query when ``‖r‖ < atol²`` with ``rtol=0``; we set
-  ``atol = sqrt(tol · median ‖g_q‖)``).
+- ``CGInfluence(task, damping=λ, tol, max_iter)`` (block CG over each query chunk) vs pyDVL
+  ``CgInfluence`` (per-query CG, and with ``--pydvl-block`` its block CG too;
+  ``--no-pydvl-query-cg`` skips the per-query one), same iteration cap, absolute tolerance
+  matched to our relative one (pyDVL stops a query when ``‖r‖ < atol²`` with ``rtol=0``, in
+  both variants; we set ``atol = sqrt(tol · median ‖g_q‖)``).
 
 Workloads: ``digits`` (the built-in SGD digits MLP of ``influencekit evaluate``, 2,410 params,
 1,438 train × 100 queries, λ = 1e-3) and ``cnn`` (bench_arnoldi's MNIST CNN, 105,866 params,
@@ -17,6 +18,9 @@ CG averages per-batch Hessians unweighted: use a ``--micro-batch`` dividing N (d
 
     .venv/bin/python benchmarks/bench_peers.py --compare-python /tmp/pydvlvenv/bin/python \
         --workloads digits,cnn
+    .venv/bin/python benchmarks/bench_peers.py --compare-python /tmp/pydvlvenv/bin/python \
+        --workloads lbfgs --methods cg --damping 0.1 --micro-batch 719 --pydvl-block \
+        --no-pydvl-query-cg --repeats 3
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ def ours(make, w: dict) -> dict:
         est.fit(w["train"])
         row["fit_s"] = time.perf_counter() - t0
         row["scores"] = est.scores(w["queries"]).double()
-    row["iterations"] = getattr(est, "iterations_used", None)
+    row["iterations"] = getattr(est, "iterations_used", getattr(est, "solver", None))
     return row
 
 
@@ -135,13 +139,19 @@ def main() -> None:
     ap.add_argument("--workloads", default="digits,lbfgs,cnn")
     ap.add_argument("--methods", default="exact,cg")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--tol", type=float, default=1e-6, help="our CG relative residual")
+    ap.add_argument("--tol", type=float, default=1e-6,
+                    help="our CG relative residual (pyDVL's atol is matched to it)")
+    ap.add_argument("--our-tol", type=float, default=None,
+                    help="our CG relative residual only (default: --tol), e.g. to match "
+                         "pyDVL's accuracy against Exact")
     ap.add_argument("--max-iter", type=int, default=100)
     ap.add_argument("--micro-batch", type=int, default=256,
                     help="our CG micro_batch_size and pyDVL's DataLoader batch")
     ap.add_argument("--n-queries", type=int, default=None, help="first N queries only")
     ap.add_argument("--damping", type=float, default=None, help="override the workload's λ")
     ap.add_argument("--pydvl-block", action="store_true", help="also pyDVL block CG")
+    ap.add_argument("--no-pydvl-query-cg", action="store_true",
+                    help="skip pyDVL's per-query CG (with --pydvl-block: block CG only)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -171,11 +181,13 @@ def main() -> None:
         if "cg" in args.methods:
             base = ["--damping", str(lam), "--rtol", "0", "--atol", str(atol), "--maxiter",
                     str(args.max_iter), "--batch-size", str(args.micro_batch)]
-            pairs.append(("cg", lambda task=task, lam=lam: ik.CGInfluence(
-                task, damping=lam, tol=args.tol, max_iter=args.max_iter,
-                micro_batch_size=args.micro_batch), "cg", base))
+            peers = [] if args.no_pydvl_query_cg else [("cg", base)]
             if args.pydvl_block:
-                pairs.append(("cg", None, "cg-block", base + ["--block"]))
+                peers.append(("cg-block", base + ["--block"]))
+            for peer, extra in peers:
+                pairs.append(("cg", lambda task=task, lam=lam: ik.CGInfluence(
+                    task, damping=lam, tol=args.our_tol or args.tol, max_iter=args.max_iter,
+                    micro_batch_size=args.micro_batch), peer, extra))
         for name, make, peer, extra in pairs:
             runs_o, runs_p = [], []
             for _ in range(args.repeats):

@@ -101,7 +101,7 @@ class CurvatureOperator:
             v = w / norm
         return lam
 
-    def dense(self, *, block: int = 64, progress: bool | None = None) -> torch.Tensor:
+    def dense(self, *, block: int = 128, progress: bool | None = None) -> torch.Tensor:
         """The ``P × P`` matrix in float64, symmetrised, built ``block`` columns at a time
         (memory ``8·P² + O(block × P)`` bytes)."""
         p = self.dim
