@@ -31,7 +31,10 @@ the outputs give it.
   Fisher, which is *not* the GGN).
 
 Draws are seeded per example (``seed`` and the example's index), so results do not depend on
-the batch size.
+the batch size. The eigenvalue correction draws **afresh** (its own stream): with the factors'
+draws reused, the correction is measured on the very noise that shaped the eigenbasis, and on
+the MNIST CNN EK-FAC's LDS fell from 0.365 to 0.360 (mean over 8–12 seeds, s.e. 0.001;
+benchmarks/RESULTS.md).
 
 **Layers**: ``nn.Linear`` (any leading shape; the middle dimensions are positions),
 ``nn.Conv2d`` (``groups=1``, zero padding: unfolded patches, one position per output pixel) and
@@ -46,6 +49,7 @@ naming them (``unsupported="error"``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -299,11 +303,12 @@ class KroneckerCurvature:
                 "dtype": str(self.task.dtype)}
 
     # ----------------------------------------------------------------- output vectors
-    def output_vectors(self, o: torch.Tensor, batch: Batch, start: int
+    def output_vectors(self, o: torch.Tensor, batch: Batch, start: int, stream: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """``v [K, B, C]`` with ``E_k[w_k v vᵀ] = H_o`` (or the empirical gradient), weights
-        ``w [K]``, for the outputs ``o`` of examples ``start, start + 1, …`` (public: the
-        randomized eigensolver draws its Fisher gradients with the same sampler)."""
+        ``w [K]``, for the outputs ``o`` of examples ``start, start + 1, …``; ``stream``: an
+        independent set of draws per value (public: the randomized eigensolver draws its
+        Fisher gradients with the same sampler)."""
         b = o.shape[0]
         shape = o.shape
         flat = o.detach().reshape(b, -1)
@@ -314,7 +319,7 @@ class KroneckerCurvature:
             return g[None], torch.ones(1, dtype=torch.float64)
         if self.fisher == "sampled" and self._classify:
             p = torch.softmax(flat.to(torch.float64), -1)
-            u = torch.stack([torch.rand(self.samples, generator=self._gen(start + i),
+            u = torch.stack([torch.rand(self.samples, generator=self._gen(start + i, stream),
                                         dtype=torch.float64) for i in range(b)], 1)
             cdf = p.cumsum(-1)
             y = torch.searchsorted(cdf, (u * cdf[:, -1]).T.contiguous()).clamp_max(
@@ -325,7 +330,8 @@ class KroneckerCurvature:
         if self.fisher == "gaussian" and self._classify:
             p = torch.softmax(flat.to(torch.float64), -1)
             eps = torch.stack([torch.randn(self.samples, p.shape[1],
-                                           generator=self._gen(start + i), dtype=torch.float64)
+                                           generator=self._gen(start + i, stream),
+                                           dtype=torch.float64)
                                for i in range(b)], 1)  # [K, B, C]
             sq = p.sqrt()
             v = sq * eps - p * (sq * eps).sum(-1, keepdim=True)
@@ -336,13 +342,17 @@ class KroneckerCurvature:
             keep = root.abs().amax(dim=(0, 1)) > 0
             v = root[:, :, keep].permute(2, 0, 1)
             return v, torch.ones(v.shape[0], dtype=torch.float64)
-        eps = torch.stack([torch.randn(self.samples, root.shape[1], generator=self._gen(start + i),
+        eps = torch.stack([torch.randn(self.samples, root.shape[1],
+                                       generator=self._gen(start + i, stream),
                                        dtype=torch.float64) for i in range(b)], 1)
         v = torch.einsum("bcd,kbd->kbc", root, eps.to(root.dtype))
         return v, torch.full((self.samples,), 1.0 / self.samples, dtype=torch.float64)
 
-    def _gen(self, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+    def _gen(self, index: int, stream: int = 0) -> torch.Generator:
+        if stream == 0:
+            return torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        key = hashlib.sha256(f"influencekit-fisher:{self.seed}:{stream}:{index}".encode())
+        return torch.Generator().manual_seed(int.from_bytes(key.digest()[:8], "little") >> 1)
 
     def _hessian_root(self, flat: torch.Tensor, shape: torch.Size, batch: Batch) -> torch.Tensor:
         """``L [B, C, C]`` with ``L Lᵀ = ∂²ℓ/∂o²`` per example (negative eigenvalues dropped)."""
@@ -368,10 +378,11 @@ class KroneckerCurvature:
                             "in the outputs or overflowed.").to(flat.dtype)
 
     # ----------------------------------------------------------------- passes
-    def _passes(self, data: Data, desc: str) -> Iterator[tuple[_Capture, list, torch.Tensor,
-                                                              torch.Tensor, Batch]]:
+    def _passes(self, data: Data, desc: str, stream: int = 0
+                ) -> Iterator[tuple[_Capture, list, torch.Tensor, torch.Tensor, Batch]]:
         """Per batch: the capture (activations), output gradients per layer per draw
-        ``grads[k][i]``, weights ``w [K]``, output vectors ``v [K, B, C]`` and the batch."""
+        ``grads[k][i]``, weights ``w [K]``, output vectors ``v [K, B, C]`` (draws of
+        ``stream``) and the batch."""
         task = self.task
         cap = _Capture(task.model, self.layers)
         theta = task.theta()
@@ -387,7 +398,7 @@ class KroneckerCurvature:
                 with torch.enable_grad():
                     o = output_tensor(task.outputs(theta, batch))
                     cap.active = False
-                    v, w = self.output_vectors(o, batch, start)
+                    v, w = self.output_vectors(o, batch, start, stream)
                     flat = o.reshape(b, -1)
                     grads = [cap.output_grads(flat, vk.to(flat.dtype)) if self.layers else []
                              for vk in v]
@@ -487,7 +498,7 @@ class KroneckerCurvature:
         acc = [torch.zeros(layer.d_out, layer.d_in, dtype=f64) for layer in self.layers]
         n = 0
         with torch.no_grad():
-            for cap, grads, w, _v, batch in self._passes(data, "EK-FAC correction"):
+            for cap, grads, w, _v, batch in self._passes(data, "EK-FAC correction", stream=1):
                 n += batch_size_of(batch)
                 for i, layer in enumerate(self.layers):
                     if not cap.acts[i]:

@@ -8,7 +8,8 @@ Pipeline (each stage stored and resumable with ``store=``):
    training data (:class:`~influencekit.curvature.kfac.KroneckerCurvature`).
 2. **eigenvalue correction** (``ekfac-correction``, EK-FAC only) — the eigendecompositions
    ``Q_A, Q_S`` and the second moments ``E[(Q_Sᵀ ∇W Q_A)²]`` of the per-example gradients in that
-   basis; a second pass. K-FAC uses ``Λ_S ⊗ Λ_A`` instead.
+   basis; a second pass, with output draws independent of the first pass's. K-FAC uses
+   ``Λ_S ⊗ Λ_A`` instead.
 3. **queries** — ``score(q, x) = ⟨(C + λI)⁻¹ ∇m(q), ∇ℓ(x)⟩``, the preconditioner applied per
    layer block in the Kronecker eigenbasis (never ``P × P``), the training gradients streamed
    (never ``N × P``).
@@ -143,7 +144,7 @@ class EKFACInfluence(KFACInfluence):
             eigen = KroneckerCurvature.eigendecompose(self.factors)
             return {**eigen, "values": self.curvature.fit_correction(train, eigen)}
 
-        settings = self.curvature.settings()
+        settings = {**self.curvature.settings(), "correction_draws": "independent"}
         out = self._stored("ekfac-correction", train, settings,
                            {"factors": self._factor_hash()}, compute)
         self.values = out.pop("values")
