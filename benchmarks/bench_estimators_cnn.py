@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list: ekfac,kfac,kronfluence,tracin,"
                     "trak,margin,graddot")
     ap.add_argument("--reuse", action="store_true", help="skip rows whose scores are saved")
+    ap.add_argument("--ekfac-fisher", default="sampled",
+                    help="our EK-FAC/K-FAC's fisher= (rows tagged with it unless 'sampled')")
     ap.add_argument("--ekfac-samples", type=int, default=1,
                     help="label draws per example for our EK-FAC/K-FAC (rows tagged ×S if > 1)")
     ap.add_argument("--label-seeds", default=None,
@@ -129,13 +131,16 @@ def main() -> None:
 
     def tag(seed: int | None, ours: bool = False) -> str:
         draws = f" ×{args.ekfac_samples}" if ours and args.ekfac_samples > 1 else ""
+        if ours and args.ekfac_fisher != "sampled":
+            draws = f" {args.ekfac_fisher}" + draws
         return draws + ("" if seed is None else f" seed={seed}")
 
     for cls, key in ((EKFACInfluence, "ekfac"), (KFACInfluence, "kfac")):
         for seed in label_seeds:
             if key in skip or all(reused(f"{key}{tag(seed, True)} λ={d:g}") for d in dampings):
                 continue
-            est = cls(task, damping=dampings[0], seed=seed or 0, samples=args.ekfac_samples)
+            est = cls(task, damping=dampings[0], seed=seed or 0, samples=args.ekfac_samples,
+                      fisher=args.ekfac_fisher)
             fit: dict = {}
             with measured(fit, "fit"):
                 est.fit(w["train"])
