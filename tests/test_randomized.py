@@ -228,6 +228,33 @@ def test_deterministic_for_a_seed_and_independent_of_batch_and_chunk_sizes(cnn):
     assert rel_error(other, ref) > 1e-6  # another draw of labels and start block
 
 
+@pytest.mark.parametrize("fisher", ["gaussian", "sampled"])
+def test_last_pass_draws_afresh(mlp, fisher, monkeypatch):
+    """With drawn output vectors the last pass applies the same Fisher under independent draws
+    (stream 1), the earlier ones under the first draws; the eigenpairs still approach the GGN's
+    with many draws, and the exact GGN has no such pass."""
+    task, x, y = mlp
+    streams: list[int] = []
+    real = FisherGradients.grads
+
+    def spy(self, batch, start):
+        streams.append(self.stream)
+        return real(self, batch, start)
+
+    monkeypatch.setattr(FisherGradients, "grads", spy)
+    solver = Eigensolver(fisher=fisher, samples=400, passes=3, oversample=20)
+    pairs = curvature_eigenpairs(task, (x, y), 4, curvature="ggn", solver=solver)
+    first, last = streams[0], streams[-1]
+    streams.clear()
+    curvature_eigenpairs(task, (x, y), 4, curvature="ggn",
+                         solver=Eigensolver(fisher="ggn", passes=3))
+    assert first == 0 and last == 1 and set(streams) == {0}
+    ref = torch.linalg.eigvalsh(dense_curvature(task, (x, y), "ggn")).flip(0)[:4]
+    assert rel_error(pairs.values, ref) < 0.1
+    assert Eigensolver(fisher=fisher).settings("ggn")["final_pass"] == "fresh draws"
+    assert "final_pass" not in Eigensolver(fisher="ggn").settings("ggn")
+
+
 def test_killed_eigensolver_resumes_from_its_stored_passes(cnn, tmp_path, monkeypatch):
     """A kill during the eigensolver's second pass keeps the first (stored as a chunk of the
     ``arnoldi-passes`` artifact); the rerun computes only the rest and gives identical

@@ -276,6 +276,8 @@ class Eigensolver:
                  "oversample": self.oversample, "seed": self.seed, "budget": self.budget}
             if curvature == "ggn":
                 s.update(fisher=self.fisher, samples=self.samples)
+                if self.fisher in ("gaussian", "sampled"):
+                    s["final_pass"] = "fresh draws"
             return s
         s = asdict(self)
         for k in ("passes", "oversample", "fisher", "samples", "micro_batch_size"):
@@ -313,7 +315,9 @@ def curvature_eigenpairs(
     **Randomized** (``solver.resolved(curvature) == "randomized"``): ``solver.passes`` passes
     over all of ``data``, each applying the curvature to ``rank + oversample`` vectors — for the
     GGN through per-example Fisher gradients of drawn output vectors
-    (:class:`~influencekit.curvature.randomized.FisherGradients`, Nyström at the end), for the
+    (:class:`~influencekit.curvature.randomized.FisherGradients`, Nyström at the end; the last
+    pass draws afresh, so the eigenvalues are not fitted to the draws that chose the subspace:
+    LDS +0.006 on the MNIST CNN over three seeds, unchanged on the digits MLPs), for the
     Hessian through block Hessian-vector products (Rayleigh–Ritz). ``done`` / ``on_pass``
     resume and record the passes (``{"y": Y}`` per pass, see
     :func:`~influencekit.curvature.randomized_eigh`); ``iterations`` is not used.
@@ -335,19 +339,21 @@ def curvature_eigenpairs(
     which = which or solver.which or "magnitude"
     if solver.resolved(curvature) == "randomized":
         samples, passes, oversample = solver.plan(n, p)
-        sketch = None
+        sketch = final = None
         if curvature == "ggn":
             fisher = FisherGradients(
                 task, data, fisher=solver.fisher, samples=samples, seed=solver.seed,
                 batch_size=min(solver.micro_batch_size, 64), progress=progress)
             op: Callable[[torch.Tensor], torch.Tensor] = fisher
             sketch = partial(fisher.sketch, seed=solver.seed)
+            if solver.fisher in ("gaussian", "sampled") and passes > 1:
+                final = fisher.fresh  # eigenvalues not fitted to the draws that chose Q
         else:
             op = CurvatureOperator(task, data, curvature, sampling="full",
                                    micro_batch_size=solver.micro_batch_size)
         pairs = randomized_eigh(
             op, p, rank, passes=passes, oversample=oversample, seed=solver.seed,
-            psd=curvature == "ggn", which=which, sketch=sketch,
+            psd=curvature == "ggn", which=which, sketch=sketch, final=final,
             done={i: t["y"] for i, t in (done or {}).items()},
             on_pass=None if on_pass is None else (lambda i, y: on_pass(i, {"y": y})))
         pairs.vectors = pairs.vectors.to(task.device, task.dtype)

@@ -77,6 +77,7 @@ def randomized_eigh(
     apply: BlockOp, dim: int, rank: int, *, passes: int = 2, oversample: int = 10,
     seed: int = 0, psd: bool = True, which: str = "magnitude",
     sketch: Callable[[int], torch.Tensor] | None = None,
+    final: BlockOp | None = None,
     done: Mapping[int, torch.Tensor] | None = None,
     on_pass: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Eigenpairs:
@@ -91,6 +92,9 @@ def randomized_eigh(
         sketch: ``k -> [k, P]``, a random block in the operator's range that replaces the
             first application (e.g. :meth:`FisherGradients.sketch`, one product per example
             instead of two); it counts as a pass.
+        final: the operator of the last pass (default ``apply``): e.g. the same sampled Fisher
+            with fresh draws, so that the eigenvalues are not fitted to the draws that chose
+            the subspace.
         done: pass results already computed (``{pass: Y}``, e.g. read back from a store).
         on_pass: called with ``(pass, Y)`` after each new pass (e.g. to store it).
     """
@@ -113,7 +117,8 @@ def randomized_eigh(
                 raise InputError(f"stored pass {i} has shape {tuple(y.shape)}, expected "
                                  f"{tuple(q.shape)}: it belongs to other settings; clear it.")
         else:
-            y = (sketch(k) if i == 0 and sketch is not None else apply(q)).to(torch.float64)
+            op = final if final is not None and i == passes - 1 else apply
+            y = (sketch(k) if i == 0 and sketch is not None else op(q)).to(torch.float64)
             check_finite(y, "a curvature block product", "The loss or model overflowed.")
             if on_pass is not None:
                 on_pass(i, y)
@@ -173,6 +178,7 @@ class FisherGradients:
         self.batch_size = positive_int("batch_size", batch_size)
         self.progress = progress
         self.passes = 0
+        self.stream = 0  # which independent set of draws the passes use
         self._buffer: torch.Tensor | None = None
 
     def grad_batches(self) -> Iterator[tuple[torch.Tensor, int, int]]:
@@ -194,7 +200,7 @@ class FisherGradients:
         task.check_batch(batch)
         with task.evaluating(), torch.no_grad():
             o = output_tensor(task.outputs(task.theta(), batch))
-        v, w = self.sampler.output_vectors(o, batch, start)
+        v, w = self.sampler.output_vectors(o, batch, start, self.stream)
         b = batch_size_of(batch)
         rows = len(v) * b
         if self._buffer is None or self._buffer.shape[0] < rows:
@@ -253,4 +259,12 @@ class FisherGradients:
         """``F qᵢ`` for each row of ``q [k, P]`` (float64), one pass over the data."""
         qf = q.to(self.task.device, self.task.dtype)
         return self._pass(lambda g, start, b: (g @ qf.T).T, tuple(q.shape))
+
+    def fresh(self, q: torch.Tensor) -> torch.Tensor:
+        """``F' qᵢ`` with ``F'`` the same Fisher under independent draws (stream 1)."""
+        self.stream = 1
+        try:
+            return self(q)
+        finally:
+            self.stream = 0
 

@@ -252,7 +252,8 @@ class ArnoldiInfluence(Estimator):
             bucket, sign = (t.to(g.device) for t in self._sketch_hash())
             sk = torch.zeros(g.shape[0], self.sketch_dim, dtype=torch.float64,
                              device=g.device)
-            out = {"G": coords, "sketch": sk.index_add_(1, bucket, resid * sign)}
+            sk.index_add_(1, bucket, resid * sign)  # summed in float64, kept in the model's
+            out = {"G": coords, "sketch": sk.to(g.dtype)}  # dtype (the memory budget's)
             del resid
             release_memory()
             return out
@@ -294,7 +295,7 @@ class ArnoldiInfluence(Estimator):
         qg, tg = q["G"].to(torch.float64).cpu(), t["G"].to(torch.float64)
         s = (qg * f) @ tg.T
         if c and "sketch" in q:
-            s = s + c * (q["sketch"].cpu() @ t["sketch"].T)
+            s = s + c * (q["sketch"].cpu() @ t["sketch"].T).to(torch.float64)
         elif c and "dot.rest" in q:
             parts = [{k[4:]: v.cpu() for k, v in x.items() if k.startswith("dot.")}
                      for x in (q, t)]
@@ -314,7 +315,8 @@ class ArnoldiInfluence(Estimator):
         g = t["G"].to(torch.float64)
         s = (g * g * f).sum(1)
         if c and "sketch" in t:
-            s = s + c * (t["sketch"] * t["sketch"]).sum(1)
+            sk = t["sketch"].to(torch.float64)
+            s = s + c * (sk * sk).sum(1)
         elif c:
             s = s + c * (t["sqnorm"].to(torch.float64) - (g * g).sum(1))
         return s
@@ -352,7 +354,7 @@ class ArnoldiInfluence(Estimator):
 
     def _feature_bytes(self) -> int:
         extra = self._exact_width if self.complement == "exact" else (self.sketch_dim or 0)
-        return 8 * (len(self.eigen) + extra + 1)
+        return 8 * (len(self.eigen) + 1) + self.task.dtype.itemsize * extra
 
     def _require_fit(self) -> None:
         if self.eigen is None:
