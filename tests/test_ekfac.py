@@ -291,6 +291,26 @@ def test_bad_arguments_name_the_argument(mlp_problem, kw, name):
             cls(task, **kw)
 
 
+def test_layer_input_not_batch_first_is_refused():
+    """A Linear applied to a time-major tensor ([T, B, d]) would mix examples in the factors:
+    refused, naming the layer's class and the shape (it used to give silent garbage)."""
+
+    class TimeMajor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x.transpose(0, 1)).transpose(0, 1).mean(1)
+
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    task = ik.ClassificationTask(TimeMajor().double())
+    for cls in BOTH:
+        with pytest.raises(InputError, match="batch-first"):
+            cls(task, damping=0.1).fit((x, y))
+
+
 def test_scores_before_fit_refused(mlp_problem):
     model, x, y, _ = mlp_problem
     est = EKFACInfluence(ik.ClassificationTask(model))

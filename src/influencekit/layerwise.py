@@ -148,7 +148,10 @@ def _make_plan(task: Any) -> Plan | None:
 # --------------------------------------------------------------------------- capture
 class _Capture:
     """Forward hooks recording each layer's input and adding a zero probe to its output (so
-    the gradient at the output can be taken, also if the output is later changed in place)."""
+    the gradient at the output can be taken, also if the output is later changed in place).
+    Shared by the per-example gradients here and the K-FAC factors
+    (:mod:`influencekit.curvature.kfac`); a layer input that is not batch-first raises
+    :class:`Unsupported`."""
 
     def __init__(self, layers: tuple[Layer, ...], batch_size: int):
         self.layers, self.b = layers, batch_size
@@ -181,6 +184,22 @@ class _Capture:
 
         return hook
 
+    def deltas(self, outputs: torch.Tensor, grad_outputs: torch.Tensor | None = None, *,
+               retain_graph: bool = False) -> list[list[torch.Tensor | None]]:
+        """Per layer, per call: the gradient of ``Σ ⟨grad_outputs, outputs⟩`` (of the scalar
+        ``outputs`` when ``grad_outputs`` is ``None``) at the layer's output, ``None`` where
+        it is not reached."""
+        flat = [p for ps in self.probes for p in ps]
+        if not flat or not outputs.requires_grad:
+            return [[None] * len(ps) for ps in self.probes]
+        gs = torch.autograd.grad(outputs, flat, grad_outputs=grad_outputs,
+                                 retain_graph=retain_graph, allow_unused=True)
+        out, k = [], 0
+        for ps in self.probes:
+            out.append(list(gs[k:k + len(ps)]))
+            k += len(ps)
+        return out
+
 
 def _captured(task: Any, the_plan: Plan, batch: Batch, value: ValueFn
               ) -> tuple[int, list[list[tuple[torch.Tensor, torch.Tensor]]]]:
@@ -191,17 +210,9 @@ def _captured(task: Any, the_plan: Plan, batch: Batch, value: ValueFn
     theta = task.theta()
     with torch.enable_grad(), cap.hooked():
         total = value(theta, batch).sum()
-    flat = [p for ps in cap.probes for p in ps]
-    if not total.requires_grad or not flat:
-        deltas: tuple[torch.Tensor | None, ...] = (None,) * len(flat)
-    else:
-        deltas = torch.autograd.grad(total, flat, allow_unused=True)
-    calls, k = [], 0
-    for i in range(len(the_plan.layers)):
-        pairs = zip(cap.inputs[i], deltas[k:k + len(cap.probes[i])])
-        k += len(cap.probes[i])
-        calls.append([(a, d) for a, d in pairs if d is not None])
-    return b, calls
+    deltas = cap.deltas(total)
+    return b, [[(a, d) for a, d in zip(cap.inputs[i], deltas[i]) if d is not None]
+               for i in range(len(the_plan.layers))]
 
 
 def grads(task: Any, the_plan: Plan, batch: Batch, value: ValueFn,

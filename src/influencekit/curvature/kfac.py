@@ -48,7 +48,6 @@ naming them (``unsupported="error"``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -59,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, jvp, vmap
 
+from .. import layerwise
 from ..batching import (
     Batch,
     Data,
@@ -167,70 +167,6 @@ def find_layers(task: Task) -> tuple[list[KroneckerLayer], list[str], dict[str, 
 
 
 # --------------------------------------------------------------------------- capture
-class _Capture:
-    """Forward hooks that record each layer's inputs (as factor activations) and add a zero
-    "probe" to its output, so that gradients at the output can be taken for any output
-    vector, with every other tensor detached."""
-
-    def __init__(self, model: nn.Module, layers: list[KroneckerLayer]):
-        self.modules = dict(model.named_modules())
-        self.layers = layers
-        self.active = False
-        self.acts: list[list[torch.Tensor]] = []
-        self.probes: list[list[torch.Tensor]] = []
-
-    @contextlib.contextmanager
-    def hooked(self) -> Iterator[_Capture]:
-        handles = [self.modules[layer.module].register_forward_hook(self._hook(i))
-                   for i, layer in enumerate(self.layers)]
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-            self.active = False
-
-    def start(self) -> None:
-        self.acts = [[] for _ in self.layers]
-        self.probes = [[] for _ in self.layers]
-        self.active = True
-
-    def _hook(self, i: int) -> Any:
-        layer = self.layers[i]
-
-        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
-            if not self.active:
-                return None
-            self.acts[i].append(_activations(layer, module, args[0].detach()))
-            probe = torch.zeros_like(output, requires_grad=True)
-            self.probes[i].append(probe)
-            return output + probe
-
-        return hook
-
-    def activations(self, i: int) -> torch.Tensor:
-        """``[B, T, d_in]`` (embedding: token indices ``[B, T]``) over all calls."""
-        return torch.cat(self.acts[i], 1)
-
-    def output_grads(self, outputs: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor | None]:
-        """``[B, T, d_out]`` gradients of ``Σ ⟨v, outputs⟩`` at each layer's output."""
-        flat = [p for ps in self.probes for p in ps]
-        if not flat:
-            return [None] * len(self.layers)
-        gs = torch.autograd.grad(outputs, flat, grad_outputs=v, retain_graph=True,
-                                 allow_unused=True)
-        out: list[torch.Tensor | None] = []
-        k = 0
-        for i, layer in enumerate(self.layers):
-            parts = []
-            for p, gi in zip(self.probes[i], gs[k:k + len(self.probes[i])]):
-                gi = torch.zeros_like(p) if gi is None else gi
-                parts.append(_positions(layer, gi))
-            k += len(self.probes[i])
-            out.append(torch.cat(parts, 1) if parts else None)
-        return out
-
-
 def _activations(layer: KroneckerLayer, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     b = x.shape[0]
     if layer.kind == "embedding":
@@ -379,32 +315,57 @@ class KroneckerCurvature:
 
     # ----------------------------------------------------------------- passes
     def _passes(self, data: Data, desc: str, stream: int = 0
-                ) -> Iterator[tuple[_Capture, list, torch.Tensor, torch.Tensor, Batch]]:
-        """Per batch: the capture (activations), output gradients per layer per draw
-        ``grads[k][i]``, weights ``w [K]``, output vectors ``v [K, B, C]`` (draws of
-        ``stream``) and the batch."""
+                ) -> Iterator[tuple[list, list, torch.Tensor, torch.Tensor, Batch]]:
+        """Per batch: each layer's activations ``acts[i]`` (``[B, T, d_in]``; embedding: token
+        indices ``[B, T]``; ``None`` if the layer was not called), output gradients per draw
+        and layer ``grads[k][i]`` (``[B, T, d_out]``), weights ``w [K]``, output vectors
+        ``v [K, B, C]`` (draws of ``stream``) and the batch. The layers' inputs and output
+        gradients come from :mod:`influencekit.layerwise`'s capture."""
         task = self.task
-        cap = _Capture(task.model, self.layers)
+        modules = dict(task.model.named_modules())
+        captured = tuple(layerwise.Layer(la.module, modules[la.module], None, None)
+                         for la in self.layers)
         theta = task.theta()
         start = 0
         bar = progress_bar(total=num_examples(data), desc=desc, unit="ex",
                            progress=self.progress)
-        with bar, task.evaluating(), cap.hooked():
+        with bar, task.evaluating():
             for batch in iter_batches(data, self.batch_size):
                 batch = to_device(batch, task.device)
                 task.check_batch(batch)
                 b = batch_size_of(batch)
-                cap.start()
+                cap = layerwise._Capture(captured, b)
                 with torch.enable_grad():
-                    o = output_tensor(task.outputs(theta, batch))
-                    cap.active = False
+                    try:
+                        with cap.hooked():
+                            o = output_tensor(task.outputs(theta, batch))
+                    except layerwise.Unsupported as e:
+                        raise InputError(
+                            f"K-FAC reads each layer's input per example: {e}. Exclude that "
+                            "layer's parameters with params=, or use another estimator."
+                        ) from None
+                    acts = [torch.cat([_activations(la, modules[la.module], x) for x in xs], 1)
+                            if xs else None for la, xs in zip(self.layers, cap.inputs)]
                     v, w = self.output_vectors(o, batch, start, stream)
                     flat = o.reshape(b, -1)
-                    grads = [cap.output_grads(flat, vk.to(flat.dtype)) if self.layers else []
-                             for vk in v]
-                yield cap, grads, w, v, batch
+                    grads = [self._output_grads(cap, flat, vk.to(flat.dtype)) for vk in v]
+                yield acts, grads, w, v, batch
                 start += b
                 bar.update(b)
+
+    def _output_grads(self, cap: layerwise._Capture, outputs: torch.Tensor, v: torch.Tensor
+                      ) -> list[torch.Tensor | None]:
+        """``[B, T, d_out]`` gradients of ``Σ ⟨v, outputs⟩`` at each layer's output (over all
+        its calls; zero for a call the outputs do not reach)."""
+        if not self.layers:
+            return []
+        deltas = cap.deltas(outputs, v, retain_graph=True)
+        out: list[torch.Tensor | None] = []
+        for layer, probes, ds in zip(self.layers, cap.probes, deltas):
+            parts = [_positions(layer, torch.zeros_like(p) if d is None else d)
+                     for p, d in zip(probes, ds)]
+            out.append(torch.cat(parts, 1) if parts else None)
+        return out
 
     def _fallback_sq(self, batch: Batch, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``Σ_n Σ_k w_k (∂⟨v_k, o_n⟩/∂θ)²`` over the fallback parameters (float64)."""
@@ -448,11 +409,11 @@ class KroneckerCurvature:
         diag = torch.zeros(len(self._fallback_index), dtype=f64)
         n = 0
         with torch.no_grad():
-            for cap, grads, w, v, batch in self._passes(data, "K-FAC factors"):
+            for acts, grads, w, v, batch in self._passes(data, "K-FAC factors"):
                 for i, layer in enumerate(self.layers):
-                    if not cap.acts[i]:
+                    a = acts[i]
+                    if a is None:
                         continue
-                    a = cap.activations(i)
                     rows[i] += a.shape[0] * a.shape[1]
                     if layer.kind == "embedding":
                         a_sum[i] += torch.bincount(a.reshape(-1).cpu(),
@@ -498,12 +459,12 @@ class KroneckerCurvature:
         acc = [torch.zeros(layer.d_out, layer.d_in, dtype=f64) for layer in self.layers]
         n = 0
         with torch.no_grad():
-            for cap, grads, w, _v, batch in self._passes(data, "EK-FAC correction", stream=1):
+            for acts, grads, w, _v, batch in self._passes(data, "EK-FAC correction", stream=1):
                 n += batch_size_of(batch)
                 for i, layer in enumerate(self.layers):
-                    if not cap.acts[i]:
+                    a = acts[i]
+                    if a is None:
                         continue
-                    a = cap.activations(i)
                     qs = eigen["QS"][i].to(a.device)
                     qa = eigen["QA"][i]
                     for wk, gk in zip(w, grads):
