@@ -31,7 +31,7 @@ form**: an ``nn.Linear`` weight applied once per example as its input and output
 complement is exact — when that takes at most 16,384 numbers per example (the MNIST CNN: 6,596
 of its 105,866 parameters) and the features at most 1 GiB; otherwise a CountSketch of ``P⊥∇ℓ(x)``
 of that budget's size is stored instead (an unbiased estimate; LDS 0.400 / 0.406 / 0.410 at
-4,096 / 8,192 / 16,384 against 0.416 exact on the MNIST CNN). ``sketch=d`` forces a
+4,096 / 8,192 / 16,384 against 0.416 exact on the MNIST CNN, same eigenbasis). ``sketch=d`` forces a
 ``d``-dimensional sketch; ``sketch=None`` streams the training gradients once per query chunk
 (the base's gradient-space path, with the filter as the preconditioner).
 
