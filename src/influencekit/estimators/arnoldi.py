@@ -28,7 +28,7 @@ default (``sketch="auto"``) the training features hold each gradient **exactly, 
 form**: an ``nn.Linear`` weight applied once per example as its input and output gradient
 (``d_in + d_out`` numbers instead of ``d_in·d_out``), every other parameter's gradient as is
 (:func:`influencekit.layerwise.gradient_dots`), so queries read the store only and the
-complement is exact — when that takes at most 16,384 numbers per example (the MNIST CNN: 6,596
+complement is exact — when that takes at most 16,384 numbers per example (the MNIST CNN: 6,580
 of its 105,866 parameters) and the features at most 1 GiB; otherwise a CountSketch of ``P⊥∇ℓ(x)``
 of that budget's size is stored instead (an unbiased estimate; LDS 0.400 / 0.406 / 0.410 at
 4,096 / 8,192 / 16,384 against 0.416 exact on the MNIST CNN, same eigenbasis). ``sketch=d`` forces a
