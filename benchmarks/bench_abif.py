@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "old-default": {"curvature": "hessian"},  # the paper's Hessian Arnoldi, streamed
     "rank100": {"rank": 100},
+    "rank200": {"rank": 200},
     "passes3": {"solver": ik.Eigensolver(passes=3)},
     "labels": {"solver": ik.Eigensolver(fisher="sampled")},
     "gaussian": {"solver": ik.Eigensolver(fisher="gaussian")},
