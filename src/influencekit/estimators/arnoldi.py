@@ -160,7 +160,7 @@ class ArnoldiInfluence(Estimator):
     def _resolve_complement(self, train: Data) -> None:
         """Decide how queries get the complement term (``sketch``; module docstring): the
         width of one example's factored gradient against the per-example budget."""
-        self.complement, self.sketch_dim = None, None
+        self.complement, self.sketch_dim, self._sketch_map = None, None, None
         if not self.spectral_filter()[1]:
             return
         if self.sketch is None:
